@@ -1,0 +1,1 @@
+//! adaquant-analysis: see docs/ARCHITECTURE.md.

@@ -1,0 +1,1 @@
+//! adaquant-eval: see docs/ARCHITECTURE.md.
