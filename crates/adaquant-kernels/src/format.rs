@@ -4,6 +4,10 @@
 //! element order (see [`GroupAxis`]). Widths 1, 2, 3, 4, 5, 6 and 8 store exactly that many bits per code: every run
 //! of 8 codes occupies exactly `bits` bytes, least significant bits first. Width 1.58 (three levels) stores five
 //! base-3 digits per byte (3^5 = 243 <= 256), that is 1.6 bits per code. Nothing is padded to a wider container.
+//!
+//! Bit order: code `i` of a stream occupies bits `i * b .. (i + 1) * b` of the stream read as one little-endian
+//! integer (least significant bits first, a code may straddle a byte boundary for b = 3, 5, 6). For 1.58, code `i`
+//! is base-3 digit `i % 5` of byte `i / 5`: `byte = c0 + 3 c1 + 9 c2 + 27 c3 + 81 c4`.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -8,3 +8,4 @@ pub mod format;
 
 pub use error::{Error, Result};
 pub use format::{Bits, GroupAxis, MetaDtype, QuantSpec, ZeroPoint};
+pub mod cuda;
