@@ -24,6 +24,14 @@ pub enum CacheError {
     #[error(transparent)]
     Kernel(#[from] adaquant_kernels::Error),
 
+    /// A field of a configuration (ours or the authors' kvq shape) with an invalid value.
+    #[error("config field `{field}`: {msg}")]
+    Field { field: String, msg: String },
+
+    /// An allocation problem that has no answer (budget below the narrowest width, mismatched inputs, ...).
+    #[error("allocation: {0}")]
+    Allocation(String),
+
     /// A configuration file that could not be read or parsed.
     #[error("config {path}: {msg}")]
     ConfigFile { path: String, msg: String },

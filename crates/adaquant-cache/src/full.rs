@@ -42,6 +42,25 @@ impl FullPrecisionCache {
         Ok(FullPrecisionCache { shape, dtype, layers })
     }
 
+    /// Appends keys and values (`[n][n_kv_heads][head_dim]` each) to `layer` without attending, for filling a
+    /// cache (benchmarks, replaying a captured context).
+    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let n = crate::check_kv_args(&self.shape, layer, k, v)?;
+        let l = &mut self.layers[layer];
+        if l.tokens + n > self.shape.max_seq_len {
+            return Err(CacheError::Full { layer, held: l.tokens, adding: n, max: self.shape.max_seq_len });
+        }
+        let dtype = self.dtype;
+        let round = |x: &f32| match dtype {
+            FullDtype::F32 => *x,
+            FullDtype::F16 => f16::from_f32(*x).to_f32(),
+        };
+        l.k.extend(k.iter().map(round));
+        l.v.extend(v.iter().map(round));
+        l.tokens += n;
+        Ok(())
+    }
+
     /// Keys of `layer`, `[t][kv_head][head_dim]`.
     pub fn keys(&self, layer: usize) -> &[f32] {
         &self.layers[layer].k

@@ -4,11 +4,19 @@
 //! attention outputs of the new queries in one call, so a cache can serve prefill (many tokens) and decoding
 //! (one token) with identical, decode-faithful semantics.
 
+pub mod alloc;
+pub mod config;
 pub mod error;
 pub mod full;
+pub mod kvq;
+pub mod quant;
 
+pub use alloc::{BitAllocation, BitBudget, BitPolicy, GroupBudget, Sensitivities, Solver};
+pub use config::{CacheSpec, LayerPrecision, Precision, QuantCacheConfig};
 pub use error::{CacheError, Result};
-pub use full::FullPrecisionCache;
+pub use full::{FullDtype, FullPrecisionCache};
+pub use kvq::KvqConfig;
+pub use quant::{expected_memory, Kv, QuantizedCache};
 
 use serde::{Deserialize, Serialize};
 
@@ -140,6 +148,30 @@ pub trait KvCache: Send {
 
     /// A short human-readable name of the configuration (e.g. `f32`, `K4V2 g64 r128`).
     fn describe(&self) -> String;
+}
+
+/// Checks the keys and values of an append (layer in range, whole tokens, equal lengths, finite) and returns the
+/// number of new tokens.
+pub fn check_kv_args(shape: &CacheShape, layer: usize, k: &[f32], v: &[f32]) -> Result<usize> {
+    if layer >= shape.n_layers {
+        return Err(CacheError::InvalidConfig(format!(
+            "layer {layer} out of range (cache has {} layers)",
+            shape.n_layers
+        )));
+    }
+    let kv = shape.kv_row();
+    if k.len() % kv != 0 {
+        return Err(CacheError::Shape { what: "k", expected: kv, got: k.len() });
+    }
+    if v.len() != k.len() {
+        return Err(CacheError::Shape { what: "v", expected: k.len(), got: v.len() });
+    }
+    for (what, buf) in [("k", k), ("v", v)] {
+        if let Some(i) = buf.iter().position(|x| !x.is_finite()) {
+            return Err(CacheError::NonFinite { what, layer, index: i });
+        }
+    }
+    Ok(k.len() / kv)
 }
 
 /// Checks the lengths of an `append_attend` call and returns the number of new tokens.

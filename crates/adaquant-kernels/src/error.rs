@@ -38,6 +38,24 @@ pub enum Error {
     #[error("code {code} at index {index} does not fit in {bits} bits")]
     CodeOutOfRange { code: u8, index: usize, bits: Bits },
 
+    /// Group metadata does not fit the chosen metadata type (for example a range above 65504 with f16 metadata).
+    #[error(
+        "group {what} {value} does not fit {dtype:?} metadata; use MetaDtype::F32 or rescale the input"
+    )]
+    MetaOverflow { what: &'static str, value: f32, dtype: crate::format::MetaDtype },
+
+    /// Attention over a context of zero tokens.
+    #[error("attention needs at least one key/value token per KV head; the context is empty")]
+    EmptyContext,
+
+    /// Keys and values of one KV head hold different numbers of tokens.
+    #[error("KV head {head}: keys hold {k_tokens} tokens but values hold {v_tokens}; both must cover the same positions")]
+    KvLengthMismatch { head: usize, k_tokens: usize, v_tokens: usize },
+
+    /// A packed view whose parts disagree with each other.
+    #[error("inconsistent packed view: {what}: expected {expected}, got {got}")]
+    BadView { what: &'static str, expected: usize, got: usize },
+
     /// A CUDA error (driver, NVRTC, or missing library).
     #[error("cuda: {0}")]
     Cuda(String),

@@ -1,4 +1,34 @@
 //! Checkpoint loading (GGUF, safetensors), the tokenizer, and a Llama-family forward pass whose attention goes
-//! through an `adaquant_cache::KvCache`.
+//! through an [`adaquant_cache::KvCache`].
+//!
+//! ```no_run
+//! use adaquant_cache::FullPrecisionCache;
+//! use adaquant_model::{ForwardOptions, LogitsRange, Model};
+//!
+//! let model = Model::load(&adaquant_model::paths::default_model())?;
+//! let tokens = model.tokenizer().encode("The capital of France is", false)?;
+//! let mut cache = FullPrecisionCache::new(model.cache_shape(512))?;
+//! let logits = model.forward(&tokens, &mut cache, &mut ForwardOptions::new(LogitsRange::Last))?;
+//! let next = logits.argmax(0);
+//! println!("{}", model.tokenizer().decode(&[next])?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+mod hf;
+pub mod linalg;
+pub mod model;
 pub mod paths;
+pub mod perplexity;
+pub mod quant;
+pub mod tokenizer;
+
+pub use config::{Arch, ModelConfig};
+pub use error::{ModelError, Result};
+pub use model::{
+    ForwardOptions, LayerHook, LayerTaps, LayerWeights, LayerWeightsView, Logits, LogitsRange, Model, Weights,
+};
+pub use tokenizer::Tokenizer;

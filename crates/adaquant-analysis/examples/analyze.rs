@@ -1,0 +1,16 @@
+//! Runs the analysis from the command line without the `adaquant` binary:
+//! `cargo run --release -p adaquant-analysis --example analyze -- --tokens 2048`.
+
+use clap::Parser;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: adaquant_analysis::AnalyzeArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    adaquant_analysis::run(&cli.args)?;
+    Ok(())
+}

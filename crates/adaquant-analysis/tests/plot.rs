@@ -1,0 +1,230 @@
+//! The chart functions write real SVG and PNG files: decode them and check size and drawn colours.
+
+use std::path::{Path, PathBuf};
+
+use adaquant_analysis::plot::{
+    bar_chart, format_value, heatmap, line_chart, pareto_front, pareto_front_ref, scatter_pareto, viridis, BarChart,
+    BarGroup, Heatmap, LineChart, ParetoGoal, PlotError, Scatter, ScatterPoint, Series, PALETTE,
+};
+use plotters::style::RGBColor;
+use rand::{Rng, SeedableRng};
+
+fn out_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("adaquant-plot-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Decodes the PNG, checks its size and returns its RGB pixels.
+fn decode_png(path: &Path, size: (u32, u32)) -> image::RgbImage {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{} is not a PNG", path.display());
+    // The IHDR chunk follows the signature: length, type, then width and height big-endian.
+    assert_eq!(&bytes[12..16], b"IHDR");
+    let w = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+    let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    assert_eq!((w, h), size);
+    let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), size);
+    img
+}
+
+/// Counts pixels within a small distance of `c`.
+fn count_color(img: &image::RgbImage, c: RGBColor) -> usize {
+    img.pixels()
+        .filter(|p| {
+            let d = |a: u8, b: u8| (a as i32 - b as i32).abs();
+            d(p[0], c.0) + d(p[1], c.1) + d(p[2], c.2) <= 6
+        })
+        .count()
+}
+
+fn read_svg(path: &Path) -> String {
+    let s = std::fs::read_to_string(path).unwrap();
+    assert!(s.contains("<svg"), "{} is not an SVG", path.display());
+    s
+}
+
+#[test]
+fn line_chart_log_band_writes_svg_and_png() {
+    let dir = out_dir("line");
+    let x: Vec<f64> = (5..64).map(|i| i as f64).collect();
+    let y: Vec<f64> = x.iter().map(|i| 100.0 * (-0.08 * i).exp()).collect();
+    let lo: Vec<f64> = y.iter().map(|v| v * 0.5).collect();
+    let hi: Vec<f64> = y.iter().map(|v| v * 2.0).collect();
+    let chart = LineChart {
+        title: "Spectrum test".into(),
+        x_label: "index".into(),
+        y_label: "sigma".into(),
+        log_y: true,
+        series: vec![
+            Series::new("keys", x.clone(), y.clone()).with_band(lo, hi),
+            Series::new("values", x.clone(), y.iter().map(|v| v / 10.0).collect()),
+        ],
+        size: (640, 400),
+        ..LineChart::default()
+    };
+    let [svg, png] = line_chart(&chart, &dir.join("spectrum")).unwrap();
+    assert_eq!(svg, dir.join("spectrum.svg"));
+    assert_eq!(png, dir.join("spectrum.png"));
+    let s = read_svg(&svg);
+    assert!(s.contains("Spectrum test") && s.contains("keys") && s.contains("values"));
+    let img = decode_png(&png, (640, 400));
+    assert!(count_color(&img, PALETTE[0]) > 100, "the first series' line is missing");
+    assert!(count_color(&img, PALETTE[1]) > 100, "the second series' line is missing");
+}
+
+#[test]
+fn bar_chart_with_reference_line() {
+    let dir = out_dir("bar");
+    let chart = BarChart {
+        title: "ratio".into(),
+        categories: (0..30).map(|i| i.to_string()).collect(),
+        groups: vec![
+            BarGroup { label: "fro".into(), values: (0..30).map(|i| 0.5 + i as f64 * 0.05).collect() },
+            BarGroup { label: "spec".into(), values: (0..30).map(|i| 2.0 - i as f64 * 0.03).collect() },
+        ],
+        hline: Some(1.0),
+        size: (800, 500),
+        ..BarChart::default()
+    };
+    let [svg, png] = bar_chart(&chart, &dir.join("nested/ratio")).unwrap();
+    assert!(read_svg(&svg).contains("spec"));
+    let img = decode_png(&png, (800, 500));
+    assert!(count_color(&img, PALETTE[0]) > 500);
+    assert!(count_color(&img, PALETTE[1]) > 500);
+    // The same chart on a log axis.
+    let log = BarChart { log_y: true, ..chart };
+    let [_, png] = bar_chart(&log, &dir.join("ratio-log")).unwrap();
+    assert!(count_color(&decode_png(&png, (800, 500)), PALETTE[1]) > 500);
+}
+
+#[test]
+fn heatmap_with_labels_colour_bar_and_diagonal() {
+    let dir = out_dir("heat");
+    let bits = ["2", "3", "4", "8"];
+    let values: Vec<Vec<f64>> =
+        (0..4).map(|r| (0..4).map(|c| if r == 0 && c == 3 { f64::NAN } else { 20.0 + 40.0 / (1 + r + c) as f64 }).collect()).collect();
+    let chart = Heatmap {
+        title: "PPL grid".into(),
+        x_label: "V bits".into(),
+        y_label: "K bits".into(),
+        col_names: bits.iter().map(|s| s.to_string()).collect(),
+        row_names: bits.iter().map(|s| s.to_string()).collect(),
+        values: values.clone(),
+        mark_diagonal: true,
+        color_label: "perplexity".into(),
+        size: (700, 560),
+        ..Heatmap::default()
+    };
+    let [svg, png] = heatmap(&chart, &dir.join("grid")).unwrap();
+    let s = read_svg(&svg);
+    assert!(s.contains(&format_value(values[1][2])), "cell label missing");
+    assert!(s.contains("n/a"), "the missing cell is not marked");
+    let img = decode_png(&png, (700, 560));
+    assert!(count_color(&img, RGBColor(220, 30, 30)) > 200, "diagonal marks missing");
+    // The colour bar spans the whole map, so both ends of viridis appear.
+    assert!(count_color(&img, viridis(0.0)) > 50);
+    assert!(count_color(&img, viridis(1.0)) > 50);
+    // A single cell is a valid heatmap too.
+    let one = Heatmap {
+        col_names: vec!["a".into()],
+        row_names: vec!["b".into()],
+        values: vec![vec![3.0]],
+        size: (300, 200),
+        ..Heatmap::default()
+    };
+    let [_, png] = heatmap(&one, &dir.join("one")).unwrap();
+    decode_png(&png, (300, 200));
+}
+
+#[test]
+fn scatter_with_pareto_front() {
+    let dir = out_dir("scatter");
+    let points: Vec<ScatterPoint> = [(2.0, 0.5), (3.0, 0.7), (4.0, 0.68), (5.0, 0.8), (8.0, 0.81), (6.0, 0.6)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(x, y))| ScatterPoint { x, y, label: Some(format!("cfg{i}")), group: i % 2 })
+        .collect();
+    let chart = Scatter {
+        title: "accuracy vs bits".into(),
+        points,
+        group_names: vec!["a".into(), "b".into()],
+        size: (640, 480),
+        ..Scatter::default()
+    };
+    let [svg, png] = scatter_pareto(&chart, &dir.join("pareto")).unwrap();
+    let s = read_svg(&svg);
+    assert!(s.contains("Pareto front") && s.contains("cfg3"));
+    let img = decode_png(&png, (640, 480));
+    assert!(count_color(&img, PALETTE[0]) > 50 && count_color(&img, PALETTE[1]) > 50);
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let dir = out_dir("errors");
+    let nan = LineChart { series: vec![Series::new("a", vec![1.0, 2.0], vec![1.0, f64::NAN])], ..LineChart::default() };
+    assert!(matches!(line_chart(&nan, &dir.join("a")), Err(PlotError::NonFinite { .. })));
+    let zero = LineChart {
+        log_y: true,
+        series: vec![Series::new("a", vec![1.0, 2.0], vec![1.0, 0.0])],
+        ..LineChart::default()
+    };
+    assert!(matches!(line_chart(&zero, &dir.join("b")), Err(PlotError::NonPositiveOnLog { .. })));
+    let short = LineChart { series: vec![Series::new("a", vec![1.0, 2.0], vec![1.0])], ..LineChart::default() };
+    assert!(matches!(line_chart(&short, &dir.join("c")), Err(PlotError::LengthMismatch { expected: 2, got: 1, .. })));
+    assert!(matches!(line_chart(&LineChart::default(), &dir.join("d")), Err(PlotError::Empty { .. })));
+    let ragged = Heatmap {
+        col_names: vec!["a".into(), "b".into()],
+        row_names: vec!["x".into(), "y".into()],
+        values: vec![vec![1.0, 2.0], vec![3.0]],
+        ..Heatmap::default()
+    };
+    assert!(matches!(heatmap(&ragged, &dir.join("e")), Err(PlotError::LengthMismatch { .. })));
+    let bars = BarChart {
+        categories: vec!["a".into()],
+        groups: vec![BarGroup { label: "g".into(), values: vec![1.0, 2.0] }],
+        ..BarChart::default()
+    };
+    assert!(matches!(bar_chart(&bars, &dir.join("f")), Err(PlotError::LengthMismatch { .. })));
+    assert!(matches!(scatter_pareto(&Scatter::default(), &dir.join("g")), Err(PlotError::Empty { .. })));
+    // Nothing was written for the rejected charts.
+    assert!(!dir.join("a.svg").exists() && !dir.join("a.png").exists());
+}
+
+#[test]
+fn pareto_front_matches_quadratic_reference() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for &n in &[1usize, 2, 3, 7, 17, 54, 97] {
+        for _ in 0..20 {
+            // Small integer coordinates make ties in x, in y and exact duplicates common.
+            let pts: Vec<(f64, f64)> = (0..n)
+                .map(|_| {
+                    let x = rng.random_range(0..6) as f64;
+                    let y = if rng.random_bool(0.05) { f64::NAN } else { rng.random_range(0..6) as f64 };
+                    (x, y)
+                })
+                .collect();
+            for goal in [ParetoGoal::MaximizeY, ParetoGoal::MinimizeY] {
+                assert_eq!(pareto_front(&pts, goal), pareto_front_ref(&pts, goal), "n={n} goal={goal:?} {pts:?}");
+            }
+        }
+    }
+    let pts = [(2.0, 0.5), (3.0, 0.7), (4.0, 0.68), (5.0, 0.8)];
+    assert_eq!(pareto_front(&pts, ParetoGoal::MaximizeY), vec![0, 1, 3]);
+    assert_eq!(pareto_front(&pts, ParetoGoal::MinimizeY), vec![0]);
+}
+
+#[test]
+fn value_format_and_colour_map() {
+    assert_eq!(format_value(0.0), "0");
+    assert_eq!(format_value(23.456), "23.5");
+    assert_eq!(format_value(1.2345), "1.23");
+    assert_eq!(format_value(0.012345), "0.012");
+    assert_eq!(format_value(123456.0), "1.23e5");
+    assert_eq!(format_value(f64::NAN), "n/a");
+    assert_eq!(viridis(0.0), RGBColor(68, 1, 84));
+    assert_eq!(viridis(1.0), RGBColor(254, 232, 37));
+    assert_eq!(viridis(-3.0), viridis(0.0));
+    assert_eq!(viridis(2.0), viridis(1.0));
+}

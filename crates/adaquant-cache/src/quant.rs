@@ -1,0 +1,418 @@
+//! The quantized, layer-wise mixed-precision KV cache.
+//!
+//! Per layer and per KV head, keys and values each live in three parts, in position order:
+//! - sinks: the first `sinks` tokens of the sequence, exact forever;
+//! - a [`PackedStream`] of quantized tokens (absent for an unquantized side);
+//! - an exact tail of the most recent tokens.
+//!
+//! A token is quantized exactly once, when it leaves the tail: per-token groups leave token by token (the tail then
+//! holds exactly `residual` tokens), per-channel groups leave `group` tokens at a time (the tail holds between
+//! `residual` and `residual + group - 1`). Nothing is re-quantized or concatenated: the packed streams and the tail
+//! grow by appends, and the tail drops flushed tokens by advancing an offset, compacting once the dead prefix is as
+//! long as the live part, so an append costs O(new tokens) amortized.
+//!
+//! Attention is decode-faithful: in a call appending `n` tokens, query `i` sees the cache exactly as it was right
+//! after its own token was appended, because the tail still holds, exact, the tokens that this call flushed; the
+//! query reads the packed prefix that existed at its position plus the matching slice of the tail. Layers whose
+//! keys and values are both unquantized store `[t][kv_head][head_dim]` and use the same attention as
+//! [`crate::FullPrecisionCache`], so an all-unquantized cache gives bit-identical outputs.
+
+use adaquant_kernels::attn::{decode_attention, decode_attention_serial, HeadKv};
+use adaquant_kernels::quant::{PackedStream, PackedView};
+use rayon::prelude::*;
+
+use crate::config::{Precision, QuantCacheConfig};
+use crate::full::causal_attention;
+use crate::{check_append_args, check_kv_args, CacheError, CacheShape, KvCache, LayerMemory, MemoryReport, Result};
+
+/// Bytes of one exact element (the cache holds exact tokens as f32).
+pub const EXACT_BYTES: usize = 4;
+
+/// Which side of a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kv {
+    K,
+    V,
+}
+
+/// One side (keys or values) of one KV head of one layer.
+#[derive(Clone, Debug)]
+struct HeadSide {
+    /// `[min(tokens, sinks)][head_dim]`.
+    sink: Vec<f32>,
+    packed: Option<PackedStream>,
+    /// `[dead + live][head_dim]`; the first `dead` tokens were flushed into `packed` and are no longer held.
+    tail: Vec<f32>,
+    dead: usize,
+}
+
+impl HeadSide {
+    fn live_tail(&self, d: usize) -> &[f32] {
+        &self.tail[self.dead * d..]
+    }
+}
+
+#[derive(Clone, Debug)]
+enum LayerStore {
+    /// Both sides unquantized: `[t][kv_head][head_dim]` like the full-precision cache.
+    Exact { k: Vec<f32>, v: Vec<f32> },
+    /// Per KV head: keys and values.
+    Mixed { k: Vec<HeadSide>, v: Vec<HeadSide> },
+}
+
+#[derive(Clone, Debug)]
+struct Layer {
+    store: LayerStore,
+    tokens: usize,
+}
+
+/// The quantized cache. Build it from a [`QuantCacheConfig`] (or through [`crate::CacheSpec::build`]).
+#[derive(Clone, Debug)]
+pub struct QuantizedCache {
+    shape: CacheShape,
+    config: QuantCacheConfig,
+    layers: Vec<Layer>,
+}
+
+/// Tokens of each part of one side after `tokens` were appended: (sinks, quantized, tail).
+pub fn side_split(p: &Precision, tokens: usize, residual: usize, sinks: usize) -> (usize, usize, usize) {
+    let s = tokens.min(sinks);
+    let q = p.quantized_tokens(tokens, residual, sinks);
+    (s, q, tokens - s - q)
+}
+
+/// The bytes a [`QuantizedCache`] with `config` holds when layer `l` holds `tokens[l]` tokens: packed codes,
+/// metadata and exact f32 elements (sinks and tail), per layer. This is the analytic formula the cache's
+/// [`KvCache::memory`] must equal.
+pub fn expected_memory(config: &QuantCacheConfig, shape: &CacheShape, tokens: &[usize]) -> MemoryReport {
+    let (h, d) = (shape.n_kv_heads, shape.head_dim);
+    let side = |p: &Precision, t: usize| -> (usize, usize, usize) {
+        let (s, q, tail) = side_split(p, t, config.residual, config.sinks);
+        match p.spec() {
+            None => (0, 0, t * h * d * EXACT_BYTES),
+            Some(spec) => {
+                let code = h * spec.bits.packed_bytes(q * d);
+                let meta = spec.bytes(q, h, d) - code;
+                (code, meta, (s + tail) * h * d * EXACT_BYTES)
+            }
+        }
+    };
+    let layers = config
+        .layers
+        .iter()
+        .zip(tokens)
+        .map(|(l, &t)| {
+            let (kc, km, kf) = side(&l.k, t);
+            let (vc, vm, vf) = side(&l.v, t);
+            LayerMemory {
+                k_code_bytes: kc,
+                k_meta_bytes: km,
+                k_full_bytes: kf,
+                v_code_bytes: vc,
+                v_meta_bytes: vm,
+                v_full_bytes: vf,
+                tokens: t,
+            }
+        })
+        .collect();
+    MemoryReport { layers, elements: tokens.iter().map(|t| 2 * t * h * d).sum() }
+}
+
+/// Initial room of each buffer, in tokens; buffers grow geometrically from there.
+const INITIAL_TOKENS: usize = 256;
+
+impl QuantizedCache {
+    /// An empty cache; checks `config` against `shape`.
+    pub fn new(shape: CacheShape, config: QuantCacheConfig) -> Result<Self> {
+        config.validate(&shape)?;
+        let (h, d) = (shape.n_kv_heads, shape.head_dim);
+        let room = INITIAL_TOKENS.min(shape.max_seq_len);
+        let side = |p: &Precision| -> Result<Vec<HeadSide>> {
+            (0..h)
+                .map(|_| {
+                    Ok(HeadSide {
+                        sink: Vec::with_capacity(config.sinks.min(shape.max_seq_len) * d),
+                        packed: p.spec().map(|s| PackedStream::with_capacity(*s, d, room)).transpose()?,
+                        tail: Vec::with_capacity((config.residual + INITIAL_TOKENS).min(shape.max_seq_len) * d),
+                        dead: 0,
+                    })
+                })
+                .collect()
+        };
+        let layers = config
+            .layers
+            .iter()
+            .map(|l| {
+                let store = match (l.k, l.v) {
+                    (Precision::Full, Precision::Full) => LayerStore::Exact { k: Vec::new(), v: Vec::new() },
+                    _ => LayerStore::Mixed { k: side(&l.k)?, v: side(&l.v)? },
+                };
+                Ok(Layer { store, tokens: 0 })
+            })
+            .collect::<Result<_>>()?;
+        Ok(QuantizedCache { shape, config, layers })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &QuantCacheConfig {
+        &self.config
+    }
+
+    /// The packed stream of one side of one KV head (`None` for unquantized sides or layers).
+    pub fn packed(&self, layer: usize, kv: Kv, head: usize) -> Option<PackedView<'_>> {
+        match &self.layers.get(layer)?.store {
+            LayerStore::Exact { .. } => None,
+            LayerStore::Mixed { k, v } => {
+                let sides = if kv == Kv::K { k } else { v };
+                sides.get(head)?.packed.as_ref().map(PackedStream::view)
+            }
+        }
+    }
+
+    /// The exact parts of one side of one KV head: (sinks, tail), each `[tokens][head_dim]`. For a layer whose
+    /// both sides are unquantized, everything is in the tail (copied out of the token-major store).
+    pub fn exact_parts(&self, layer: usize, kv: Kv, head: usize) -> Option<(Vec<f32>, Vec<f32>)> {
+        let (h, d) = (self.shape.n_kv_heads, self.shape.head_dim);
+        if head >= h {
+            return None;
+        }
+        let l = self.layers.get(layer)?;
+        Some(match &l.store {
+            LayerStore::Exact { k, v } => {
+                let src = if kv == Kv::K { k } else { v };
+                let tail = (0..l.tokens).flat_map(|t| &src[(t * h + head) * d..(t * h + head + 1) * d]).copied().collect();
+                (Vec::new(), tail)
+            }
+            LayerStore::Mixed { k, v } => {
+                let s = &(if kv == Kv::K { k } else { v })[head];
+                (s.sink.clone(), s.live_tail(d).to_vec())
+            }
+        })
+    }
+
+    /// Appends keys and values (`[n][n_kv_heads][head_dim]` each) to `layer` without attending: the same cache
+    /// contents as [`KvCache::append_attend`], for filling a cache (benchmarks, replaying a captured context).
+    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        check_kv_args(&self.shape, layer, k, v)?;
+        self.append_impl(layer, k, v, None)
+    }
+
+    fn append_impl(&mut self, layer: usize, k: &[f32], v: &[f32], attend: Option<(&[f32], &mut [f32])>) -> Result<()> {
+        let shape = &self.shape;
+        let n = k.len() / shape.kv_row();
+        let (residual, sinks) = (self.config.residual, self.config.sinks);
+        let prec = self.config.layers[layer];
+        let l = &mut self.layers[layer];
+        let t0 = l.tokens;
+        if t0 + n > shape.max_seq_len {
+            return Err(CacheError::Full { layer, held: t0, adding: n, max: shape.max_seq_len });
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let d = shape.head_dim;
+        match &mut l.store {
+            LayerStore::Exact { k: ks, v: vs } => {
+                ks.extend_from_slice(k);
+                vs.extend_from_slice(v);
+                l.tokens += n;
+                if let Some((q, out)) = attend {
+                    causal_attention(shape, ks, vs, t0, q, out);
+                }
+            }
+            LayerStore::Mixed { k: kh, v: vh } => {
+                let qk0 = prec.k.quantized_tokens(t0, residual, sinks);
+                let qv0 = prec.v.quantized_tokens(t0, residual, sinks);
+                let flush_k = prec.k.quantized_tokens(t0 + n, residual, sinks) - qk0;
+                let flush_v = prec.v.quantized_tokens(t0 + n, residual, sinks) - qv0;
+                append_side(kh, k, t0, sinks, d, flush_k)?;
+                append_side(vh, v, t0, sinks, d, flush_v)?;
+                l.tokens += n;
+                if let Some((q, out)) = attend {
+                    let (kh, vh) = (&*kh, &*vh);
+                    let heads_at = |i: usize| -> Vec<HeadKv<'_>> {
+                        let t = t0 + i + 1;
+                        kh.iter()
+                            .zip(vh)
+                            .map(|(ks, vs)| {
+                                let ck = cut(&prec.k, t, qk0, ks.dead, residual, sinks, d);
+                                let cv = cut(&prec.v, t, qv0, vs.dead, residual, sinks, d);
+                                HeadKv {
+                                    sink_k: &ks.sink[..ck.sinks * d],
+                                    sink_v: &vs.sink[..cv.sinks * d],
+                                    k: ks.packed.as_ref().map(|p| p.view().prefix(ck.packed)),
+                                    v: vs.packed.as_ref().map(|p| p.view().prefix(cv.packed)),
+                                    tail_k: &ks.tail[ck.tail],
+                                    tail_v: &vs.tail[cv.tail],
+                                }
+                            })
+                            .collect()
+                    };
+                    let scale = shape.softmax_scale;
+                    if n == 1 {
+                        decode_attention(q, &heads_at(0), d, scale, out)?;
+                    } else {
+                        let row = shape.q_row();
+                        q.par_chunks(row).zip(out.par_chunks_mut(row)).enumerate().try_for_each(|(i, (qi, oi))| {
+                            decode_attention_serial(qi, &heads_at(i), d, scale, oi)
+                        })?;
+                    }
+                }
+                retire(kh, d, flush_k);
+                retire(vh, d, flush_v);
+            }
+        }
+        Ok(())
+    }
+
+    /// One side of one KV head as attention sees it now, `[tokens][head_dim]`: sinks, then the dequantized packed
+    /// stream (reference dequantizer), then the tail.
+    pub fn materialize(&self, layer: usize, kv: Kv, head: usize) -> Result<Vec<f32>> {
+        let (sink, tail) = self.exact_parts(layer, kv, head).ok_or_else(|| {
+            CacheError::InvalidConfig(format!("no layer {layer} / kv head {head} in this cache"))
+        })?;
+        let mut out = sink;
+        if let Some(view) = self.packed(layer, kv, head) {
+            let start = out.len();
+            out.resize(start + view.tokens * view.head_dim, 0.0);
+            adaquant_kernels::quant::dequantize_ref(&view, &mut out[start..])?;
+        }
+        out.extend_from_slice(&tail);
+        Ok(out)
+    }
+}
+
+/// Appends `n` tokens of one side (`x` is `[n][n_kv_heads][head_dim]`) to every head: sinks first, the rest to the
+/// tail, then flushes `flush` tokens from the front of the live tail into the packed stream (quantized once).
+/// Returns nothing; the flushed tokens stay physically in the tail until [`retire`] so that this call's queries
+/// can still read them exact.
+fn append_side(heads: &mut [HeadSide], x: &[f32], t0: usize, sinks: usize, d: usize, flush: usize) -> Result<()> {
+    let h = heads.len();
+    let n = x.len() / (h * d);
+    let work = |(hi, s): (usize, &mut HeadSide)| -> Result<()> {
+        for i in 0..n {
+            let row = &x[(i * h + hi) * d..(i * h + hi + 1) * d];
+            if t0 + i < sinks {
+                s.sink.extend_from_slice(row);
+            } else {
+                s.tail.extend_from_slice(row);
+            }
+        }
+        if flush > 0 {
+            let p = s.packed.as_mut().expect("only quantized sides flush");
+            p.push(&s.tail[s.dead * d..(s.dead + flush) * d])?;
+        }
+        Ok(())
+    };
+    if n * h >= 64 && flush > 0 {
+        heads.par_iter_mut().enumerate().try_for_each(work)
+    } else {
+        heads.iter_mut().enumerate().try_for_each(work)
+    }
+}
+
+/// Drops `flush` flushed tokens from the front of every tail, compacting once the dead prefix is at least as long
+/// as the live part (amortized O(1) per token).
+fn retire(heads: &mut [HeadSide], d: usize, flush: usize) {
+    for s in heads {
+        s.dead += flush;
+        let live = s.tail.len() / d - s.dead;
+        if s.dead > 0 && s.dead >= live {
+            s.tail.copy_within(s.dead * d.., 0);
+            s.tail.truncate(live * d);
+            s.dead = 0;
+        }
+    }
+}
+
+/// What one query of one side reads: packed prefix length and the tail slice range (in elements of `tail`).
+struct SideCut {
+    sinks: usize,
+    packed: usize,
+    tail: std::ops::Range<usize>,
+}
+
+fn cut(p: &Precision, t: usize, t0_quant: usize, dead: usize, residual: usize, sinks: usize, d: usize) -> SideCut {
+    let (s, q, tail) = side_split(p, t, residual, sinks);
+    // The live tail (before this call's flush) starts at position sinks + t0_quant.
+    let start = dead + (s + q).saturating_sub(sinks + t0_quant);
+    SideCut { sinks: s, packed: q, tail: start * d..(start + tail) * d }
+}
+
+impl KvCache for QuantizedCache {
+    fn shape(&self) -> &CacheShape {
+        &self.shape
+    }
+
+    fn seq_len(&self, layer: usize) -> usize {
+        self.layers.get(layer).map_or(0, |l| l.tokens)
+    }
+
+    fn append_attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) -> Result<()> {
+        check_append_args(&self.shape, layer, q, k, v, out)?;
+        self.append_impl(layer, k, v, Some((q, out)))
+    }
+
+    fn memory(&self) -> MemoryReport {
+        let d = self.shape.head_dim;
+        let layers: Vec<LayerMemory> = self
+            .layers
+            .iter()
+            .map(|l| match &l.store {
+                LayerStore::Exact { k, v } => LayerMemory {
+                    k_full_bytes: k.len() * EXACT_BYTES,
+                    v_full_bytes: v.len() * EXACT_BYTES,
+                    tokens: l.tokens,
+                    ..Default::default()
+                },
+                LayerStore::Mixed { k, v } => {
+                    let sum = |hs: &[HeadSide]| {
+                        hs.iter().fold((0, 0, 0), |(c, m, f), s| {
+                            let (pc, pm) = s.packed.as_ref().map_or((0, 0), |p| (p.code_bytes(), p.meta_bytes()));
+                            (c + pc, m + pm, f + (s.sink.len() + s.live_tail(d).len()) * EXACT_BYTES)
+                        })
+                    };
+                    let (kc, km, kf) = sum(k);
+                    let (vc, vm, vf) = sum(v);
+                    LayerMemory {
+                        k_code_bytes: kc,
+                        k_meta_bytes: km,
+                        k_full_bytes: kf,
+                        v_code_bytes: vc,
+                        v_meta_bytes: vm,
+                        v_full_bytes: vf,
+                        tokens: l.tokens,
+                    }
+                }
+            })
+            .collect();
+        let elements = self.layers.iter().map(|l| 2 * l.tokens * self.shape.kv_row()).sum();
+        MemoryReport { layers, elements }
+    }
+
+    fn clear(&mut self) {
+        for l in &mut self.layers {
+            l.tokens = 0;
+            match &mut l.store {
+                LayerStore::Exact { k, v } => {
+                    k.clear();
+                    v.clear();
+                }
+                LayerStore::Mixed { k, v } => {
+                    for s in k.iter_mut().chain(v.iter_mut()) {
+                        s.sink.clear();
+                        s.tail.clear();
+                        s.dead = 0;
+                        if let Some(p) = &mut s.packed {
+                            p.clear();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.config.describe()
+    }
+}

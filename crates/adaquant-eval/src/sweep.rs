@@ -1,0 +1,705 @@
+//! The sweep runner: a grid of cache configurations evaluated against one shared full-precision reference.
+//!
+//! A sweep is a list of [`PointSpec`]s (fixed K/V splits, budget-solver allocations, full precision) and one set of
+//! evaluation settings. Each point's key joins its configuration with the settings and the model, so a rerun in
+//! the same folder skips what is recorded and a rerun with other settings does not mistake old points for new.
+//! Points are ordered deterministically and shard `i` of `N` runs the points whose index is `i` modulo `N`; every
+//! shard computes the (cheap, one point's worth) reference itself and writes its own results file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Instant;
+
+use adaquant_cache::alloc::{BitBudget, Sensitivities};
+use adaquant_cache::config::{CacheSpec, LayerPrecision, Precision, QuantCacheConfig};
+use adaquant_cache::KvCache;
+use adaquant_kernels::{Bits, GroupAxis, QuantSpec};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{EvalError, Result};
+use crate::lm::{LanguageModel, WeightNorm};
+use crate::metrics::{build_reference, evaluate_text, Reference, TextEvalSpec};
+use crate::progress::Progress;
+use crate::results::{PointResult, ResultsFile};
+use crate::tasks::{self, PasskeySpec, TaskResult};
+
+/// Width of one side: a packed width, or `None` for unquantized (written 16).
+pub type SideBits = Option<Bits>;
+
+/// Parses `16` as unquantized, anything else as a packed width.
+pub fn parse_side_bits(s: &str) -> Result<SideBits> {
+    let t = s.trim();
+    if t == "16" || t.eq_ignore_ascii_case("full") {
+        return Ok(None);
+    }
+    t.parse::<Bits>().map(Some).map_err(|e| EvalError::BadRequest(format!("bit width '{t}': {e} (or 16 for unquantized)")))
+}
+
+fn side_name(b: SideBits) -> &'static str {
+    b.map_or("16", |b| b.name())
+}
+
+/// Where a budget point's per-layer sensitivities come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum SensSource {
+    /// Frobenius norms of W_K and W_V, computed from the model's weights.
+    WeightFro,
+    /// Spectral norms of W_K and W_V, computed from the model's weights.
+    WeightSpec,
+    /// A `sensitivities.json` file (`{"k": [...], "v": [...], "kind": ...}`) as `adaquant analyze` writes.
+    File(PathBuf),
+    /// Measured: KL divergence when only one layer's keys (or values) are quantized to 2 bits.
+    Kl,
+}
+
+impl SensSource {
+    /// Short name used in keys and tables.
+    pub fn name(&self) -> String {
+        match self {
+            SensSource::WeightFro => "weight_fro".into(),
+            SensSource::WeightSpec => "weight_spec".into(),
+            SensSource::Kl => "kl".into(),
+            SensSource::File(p) => {
+                let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("file");
+                let parent = p.parent().and_then(|d| d.file_name()).and_then(|s| s.to_str()).unwrap_or("");
+                if parent.is_empty() {
+                    format!("file:{stem}")
+                } else {
+                    format!("file:{parent}/{stem}")
+                }
+            }
+        }
+    }
+}
+
+impl FromStr for SensSource {
+    type Err = EvalError;
+    fn from_str(s: &str) -> Result<SensSource> {
+        Ok(match s.trim() {
+            "weight_fro" | "fro" => SensSource::WeightFro,
+            "weight_spec" | "spec" => SensSource::WeightSpec,
+            "kl" => SensSource::Kl,
+            p if p.ends_with(".json") => SensSource::File(PathBuf::from(p)),
+            other => {
+                return Err(EvalError::BadRequest(format!(
+                    "sensitivity '{other}': use weight_fro, weight_spec, kl, or a sensitivities .json file from `adaquant analyze`"
+                )))
+            }
+        })
+    }
+}
+
+/// How a point chooses each layer's precision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PolicySpec {
+    /// The full-precision (f32) cache.
+    Full,
+    /// The same key and value widths on every layer.
+    Fixed { k: SideBits, v: SideBits },
+    /// The budget solver over per-layer sensitivities, at `avg_bits` bits per element on average.
+    Budget { avg_bits: f64, sensitivity: SensSource },
+}
+
+/// One sweep point: a policy and the quantization layout shared by its quantized layers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PointSpec {
+    pub policy: PolicySpec,
+    pub group: usize,
+    pub k_axis: GroupAxis,
+    pub v_axis: GroupAxis,
+    pub residual: usize,
+    pub sinks: usize,
+}
+
+fn axis_short(a: GroupAxis) -> &'static str {
+    match a {
+        GroupAxis::PerToken => "tok",
+        GroupAxis::PerChannel => "chan",
+    }
+}
+
+impl PointSpec {
+    /// Short display name: `full`, `K4V2`, `budget4 weight_fro`.
+    pub fn name(&self) -> String {
+        match &self.policy {
+            PolicySpec::Full => "full".into(),
+            PolicySpec::Fixed { k, v } => format!("K{}V{}", side_name(*k), side_name(*v)),
+            PolicySpec::Budget { avg_bits, sensitivity } => format!("budget{avg_bits} {}", sensitivity.name()),
+        }
+    }
+
+    /// The configuration part of the key (layout included, so grids over layouts stay distinct).
+    pub fn config_key(&self) -> String {
+        let layout = format!(
+            "g{}|k{}|v{}|r{}|s{}",
+            self.group,
+            axis_short(self.k_axis),
+            axis_short(self.v_axis),
+            self.residual,
+            self.sinks
+        );
+        match &self.policy {
+            PolicySpec::Full => "full".into(),
+            PolicySpec::Fixed { k, v } => format!("fixed|K{}|V{}|{layout}", side_name(*k), side_name(*v)),
+            PolicySpec::Budget { avg_bits, sensitivity } => {
+                format!("budget|{avg_bits}|{}|{layout}", sensitivity.name())
+            }
+        }
+    }
+
+    fn quant_spec(&self, bits: Bits, axis: GroupAxis) -> QuantSpec {
+        QuantSpec::new(bits, self.group, axis)
+    }
+
+    fn precision(&self, bits: SideBits, axis: GroupAxis) -> Precision {
+        bits.map_or(Precision::Full, |b| Precision::Quant(self.quant_spec(b, axis)))
+    }
+
+    /// The cache spec of a fixed or full point; budget points need their allocation ([`Self::cache_spec_for`]).
+    pub fn layers_fixed(&self, n_layers: usize) -> Option<Vec<LayerPrecision>> {
+        match &self.policy {
+            PolicySpec::Full => None,
+            PolicySpec::Fixed { k, v } => {
+                Some(vec![LayerPrecision::new(self.precision(*k, self.k_axis), self.precision(*v, self.v_axis)); n_layers])
+            }
+            PolicySpec::Budget { .. } => None,
+        }
+    }
+
+    /// The cache spec for given per-layer precisions (`None`: the full-precision cache).
+    pub fn cache_spec_for(&self, layers: Option<Vec<LayerPrecision>>) -> CacheSpec {
+        match layers {
+            None => CacheSpec::FullF32,
+            Some(layers) => CacheSpec::Quant(QuantCacheConfig { layers, residual: self.residual, sinks: self.sinks }),
+        }
+    }
+}
+
+impl fmt::Display for PointSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.config_key())
+    }
+}
+
+/// Which tasks run at every point, with their item limits.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskSelection {
+    pub hellaswag: Option<usize>,
+    pub arc_easy: Option<usize>,
+    pub lambada: Option<usize>,
+    pub passkey: Option<PasskeySpec>,
+}
+
+impl TaskSelection {
+    /// A short fingerprint for keys.
+    pub fn key(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(n) = self.hellaswag {
+            parts.push(format!("hs{n}"));
+        }
+        if let Some(n) = self.arc_easy {
+            parts.push(format!("arc{n}"));
+        }
+        if let Some(n) = self.lambada {
+            parts.push(format!("lam{n}"));
+        }
+        if let Some(p) = &self.passkey {
+            let lens: Vec<String> = p.lengths.iter().map(|l| l.to_string()).collect();
+            parts.push(format!("pk{}x{}x{}s{}", lens.join("+"), p.depths.len(), p.trials, p.seed));
+        }
+        parts.join(",")
+    }
+
+    /// Whether no task is selected.
+    pub fn is_empty(&self) -> bool {
+        self.hellaswag.is_none() && self.arc_easy.is_none() && self.lambada.is_none() && self.passkey.is_none()
+    }
+}
+
+/// A shard `index` of `count` (0-based).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// Parses `i/N` (0-based `i`).
+    pub fn parse(s: &str) -> Result<Shard> {
+        let bad = || EvalError::BadRequest(format!("--shard '{s}': expected i/N with 0 <= i < N, e.g. 0/4"));
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let index: usize = i.trim().parse().map_err(|_| bad())?;
+        let count: usize = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+
+    /// The shard of a Slurm job array (`SLURM_ARRAY_TASK_ID` relative to `SLURM_ARRAY_TASK_MIN`, out of
+    /// `SLURM_ARRAY_TASK_COUNT`), read through `get` so tests need not touch the environment.
+    pub fn from_slurm(get: impl Fn(&str) -> Option<String>) -> Result<Option<Shard>> {
+        let (Some(id), Some(count)) = (get("SLURM_ARRAY_TASK_ID"), get("SLURM_ARRAY_TASK_COUNT")) else {
+            return Ok(None);
+        };
+        let min = get("SLURM_ARRAY_TASK_MIN").unwrap_or_else(|| "0".into());
+        let parse = |name: &str, v: &str| {
+            v.trim().parse::<usize>().map_err(|_| EvalError::BadRequest(format!("{name}='{v}' is not a number")))
+        };
+        let (id, count, min) =
+            (parse("SLURM_ARRAY_TASK_ID", &id)?, parse("SLURM_ARRAY_TASK_COUNT", &count)?, parse("SLURM_ARRAY_TASK_MIN", &min)?);
+        let index = id.checked_sub(min).ok_or_else(|| {
+            EvalError::BadRequest(format!("SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}"))
+        })?;
+        Shard::parse(&format!("{index}/{count}")).map(Some)
+    }
+
+    /// Whether the point at `index` of the deterministic order belongs to this shard.
+    pub fn owns(&self, index: usize) -> bool {
+        index % self.count == self.index
+    }
+
+    /// File name of this shard's results.
+    pub fn file_name(&self) -> String {
+        format!("results.shard-{}-of-{}.jsonl", self.index, self.count)
+    }
+}
+
+/// Everything a sweep needs besides the model.
+#[derive(Clone, Debug)]
+pub struct SweepPlan {
+    pub points: Vec<PointSpec>,
+    pub text: TextEvalSpec,
+    pub tasks: TaskSelection,
+    pub out: PathBuf,
+    pub shard: Option<Shard>,
+    /// Identity of the model and data, recorded in every line.
+    pub model_name: String,
+    pub model_sha256: String,
+    pub data_sha256: String,
+    pub git_rev: String,
+    /// Task datasets, read when the corresponding task is selected.
+    pub hellaswag_path: PathBuf,
+    pub arc_path: PathBuf,
+    pub lambada_path: PathBuf,
+}
+
+impl SweepPlan {
+    /// The evaluation-settings part of every key.
+    pub fn settings_key(&self) -> String {
+        format!(
+            "{}|ctx{}|w{}|top{}|{}",
+            self.model_name,
+            self.text.ctx,
+            self.text.windows,
+            self.text.topk,
+            self.tasks.key()
+        )
+    }
+
+    /// The full key of a point.
+    pub fn key(&self, p: &PointSpec) -> String {
+        format!("{}|{}", p.config_key(), self.settings_key())
+    }
+
+    /// The results file this run appends to.
+    pub fn results_path(&self) -> PathBuf {
+        self.out.join(self.shard.map_or_else(|| "results.jsonl".to_string(), |s| s.file_name()))
+    }
+}
+
+/// Hex sha256 of a file.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| EvalError::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| EvalError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `git rev-parse HEAD` of the working directory's repository, or `unknown`.
+pub fn git_revision() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown".into(), |s| s.trim().to_string())
+}
+
+/// Reads a `sensitivities.json` (`{"k": [...], "v": [...], "kind": ...}`) or the authors' `{"w_k", "w_v"}` shape.
+pub fn load_sensitivities(path: &Path) -> Result<Sensitivities> {
+    #[derive(Deserialize)]
+    struct File {
+        k: Vec<f64>,
+        v: Vec<f64>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+    let bad = |msg: String| EvalError::Malformed { path: path.display().to_string(), line: 1, msg };
+    match serde_json::from_str::<File>(&text) {
+        Ok(f) => Sensitivities::new(f.k, f.v).map_err(|e| bad(e.to_string())),
+        Err(e) => Sensitivities::from_kvq_json(&text)
+            .map_err(|_| bad(format!("expected {{\"k\": [...], \"v\": [...]}} or {{\"w_k\", \"w_v\"}}: {e}"))),
+    }
+}
+
+/// Measured per-layer sensitivities: KL (mean over the first window) when only that layer's keys, or values,
+/// are quantized to 2 bits with this point's layout; the square root is used, since the solver models error as
+/// `s^2 2^(-2b)`.
+pub fn measure_kl_sensitivities(
+    lm: &dyn LanguageModel,
+    point: &PointSpec,
+    windows: &[&[u32]],
+    reference: &Reference,
+    max_seq: usize,
+) -> Result<Sensitivities> {
+    let n_layers = lm.cache_shape(max_seq).n_layers;
+    let one_ref = Reference { windows: reference.windows[..1].to_vec(), ..reference.clone() };
+    let mut progress = Progress::new("sensitivities (kl)", 2 * n_layers as u64, "layers");
+    let mut measure = |layer: usize, keys: bool| -> Result<f64> {
+        let mut layers = vec![LayerPrecision::full(); n_layers];
+        let p = Precision::Quant(QuantSpec::new(Bits::B2, point.group, if keys { point.k_axis } else { point.v_axis }));
+        if keys {
+            layers[layer].k = p;
+        } else {
+            layers[layer].v = p;
+        }
+        let mut cache = point.cache_spec_for(Some(layers)).build(lm.cache_shape(max_seq))?;
+        let m = evaluate_text(lm, cache.as_mut(), &windows[..1], &one_ref, &mut |_| {})?;
+        progress.inc(1);
+        Ok(m.kl_mean.max(0.0).sqrt())
+    };
+    let mut k = Vec::with_capacity(n_layers);
+    let mut v = Vec::with_capacity(n_layers);
+    for l in 0..n_layers {
+        k.push(measure(l, true)?);
+        v.push(measure(l, false)?);
+    }
+    progress.finish();
+    Ok(Sensitivities::new(k, v)?)
+}
+
+/// Resolves a point to per-layer precisions (`None` for full precision).
+pub fn resolve_layers(
+    lm: &dyn LanguageModel,
+    point: &PointSpec,
+    windows: &[&[u32]],
+    reference: &Reference,
+    max_seq: usize,
+    sens_cache: &mut BTreeMap<String, Sensitivities>,
+) -> Result<Option<Vec<LayerPrecision>>> {
+    let n_layers = lm.cache_shape(max_seq).n_layers;
+    match &point.policy {
+        PolicySpec::Full | PolicySpec::Fixed { .. } => Ok(point.layers_fixed(n_layers)),
+        PolicySpec::Budget { avg_bits, sensitivity } => {
+            let name = format!("{}|{}", sensitivity.name(), point.config_key());
+            let sens = match sens_cache.get(&name) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = match sensitivity {
+                        SensSource::WeightFro | SensSource::WeightSpec => {
+                            let kind =
+                                if *sensitivity == SensSource::WeightFro { WeightNorm::Frobenius } else { WeightNorm::Spectral };
+                            let (k, v) = lm.kv_weight_norms(kind).ok_or_else(|| {
+                                EvalError::BadRequest("this model does not expose its K/V weights; pass a sensitivities file".into())
+                            })??;
+                            Sensitivities::new(k, v)?
+                        }
+                        SensSource::File(p) => load_sensitivities(p)?,
+                        SensSource::Kl => measure_kl_sensitivities(lm, point, windows, reference, max_seq)?,
+                    };
+                    sens_cache.insert(name, s.clone());
+                    s
+                }
+            };
+            if sens.n_layers() != n_layers {
+                return Err(EvalError::BadRequest(format!(
+                    "sensitivities have {} layers but the model has {n_layers}",
+                    sens.n_layers()
+                )));
+            }
+            let alloc = BitBudget::new(*avg_bits).solve(&sens)?;
+            Ok(Some(alloc.layers(point.quant_spec(Bits::B4, point.k_axis), point.quant_spec(Bits::B4, point.v_axis))))
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Loaded task data, read once per sweep.
+#[derive(Default)]
+pub struct TaskData {
+    pub hellaswag: Vec<crate::data::ChoiceItem>,
+    pub arc: Vec<crate::data::ChoiceItem>,
+    pub lambada: Vec<crate::data::LastWordItem>,
+}
+
+impl TaskData {
+    /// Reads the datasets of the selected tasks.
+    pub fn load(plan: &SweepPlan) -> Result<TaskData> {
+        let mut d = TaskData::default();
+        if plan.tasks.hellaswag.is_some() {
+            d.hellaswag = crate::data::load_hellaswag(&plan.hellaswag_path)?;
+        }
+        if plan.tasks.arc_easy.is_some() {
+            d.arc = crate::data::load_arc(&plan.arc_path)?;
+        }
+        if plan.tasks.lambada.is_some() {
+            d.lambada = crate::data::load_lambada(&plan.lambada_path)?;
+        }
+        Ok(d)
+    }
+}
+
+/// Runs the selected tasks through `cache`.
+pub fn run_tasks(
+    lm: &dyn LanguageModel,
+    cache: &mut dyn KvCache,
+    sel: &TaskSelection,
+    data: &TaskData,
+    label: &str,
+) -> Result<BTreeMap<String, TaskResult>> {
+    let mut out = BTreeMap::new();
+    let lim = |n: usize, len: usize| if n == 0 { len } else { n.min(len) };
+    if let Some(n) = sel.hellaswag {
+        let mut p = Progress::new(format!("{label} hellaswag"), lim(n, data.hellaswag.len()) as u64, "items");
+        out.insert("hellaswag".into(), tasks::multiple_choice(lm, cache, &data.hellaswag, Some(lim(n, usize::MAX)), &mut |k| p.inc(k))?);
+        p.finish();
+    }
+    if let Some(n) = sel.arc_easy {
+        let mut p = Progress::new(format!("{label} arc_easy"), lim(n, data.arc.len()) as u64, "items");
+        out.insert("arc_easy".into(), tasks::multiple_choice(lm, cache, &data.arc, Some(lim(n, usize::MAX)), &mut |k| p.inc(k))?);
+        p.finish();
+    }
+    if let Some(n) = sel.lambada {
+        let mut p = Progress::new(format!("{label} lambada"), lim(n, data.lambada.len()) as u64, "items");
+        out.insert("lambada".into(), tasks::lambada(lm, cache, &data.lambada, Some(lim(n, usize::MAX)), &mut |k| p.inc(k))?);
+        p.finish();
+    }
+    if let Some(spec) = &sel.passkey {
+        let total = spec.lengths.len() * spec.depths.len() * spec.trials;
+        let mut p = Progress::new(format!("{label} passkey"), total as u64, "prompts");
+        out.insert("passkey".into(), tasks::passkey(lm, cache, spec, &mut |k| p.inc(k))?);
+        p.finish();
+    }
+    Ok(out)
+}
+
+/// The cache length every point is built for: the text window, the longest passkey prompt, and room for tasks.
+pub fn max_seq_for(plan: &SweepPlan) -> usize {
+    let pk = plan.tasks.passkey.as_ref().and_then(|p| p.lengths.iter().max().copied()).unwrap_or(0);
+    plan.text.ctx.max(pk + 64).max(if plan.tasks.is_empty() { 0 } else { 2048 })
+}
+
+/// Runs every pending point of `plan` that belongs to its shard and returns the results file.
+///
+/// `tokens` is the tokenized text (WikiText-2 by default). Progress goes to stderr, a summary per point to stdout.
+pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Result<ResultsFile> {
+    let windows = plan.text.windows(tokens)?;
+    let mut file = ResultsFile::open(&plan.results_path())?;
+    let mut points: Vec<(usize, &PointSpec)> = plan.points.iter().enumerate().collect();
+    if let Some(s) = plan.shard {
+        points.retain(|(i, _)| s.owns(*i));
+    }
+    let total_here = points.len();
+    points.retain(|(_, p)| !file.contains(&plan.key(p)));
+    let skipped = total_here - points.len();
+    println!(
+        "sweep: {} points{}, {} already in {}, {} to run; {} windows of {} tokens ({} scored tokens per point)",
+        total_here,
+        plan.shard.map_or(String::new(), |s| format!(" in shard {}/{}", s.index, s.count)),
+        skipped,
+        file.path().display(),
+        points.len(),
+        windows.len(),
+        plan.text.ctx,
+        windows.len() * plan.text.scored_per_window()
+    );
+    if points.is_empty() {
+        return Ok(file);
+    }
+    let max_seq = max_seq_for(plan);
+    let shape = lm.cache_shape(max_seq);
+    let task_data = TaskData::load(plan)?;
+    let processed = (windows.len() * plan.text.ctx) as u64;
+
+    let t0 = Instant::now();
+    let mut fp = CacheSpec::FullF32.build(shape.clone())?;
+    let mut prog = Progress::new("reference (f32 cache)", processed, "tokens");
+    let reference = build_reference(lm, fp.as_mut(), &windows, &plan.text, &mut |n| prog.inc(n))?;
+    let ref_s = prog.finish();
+    println!(
+        "reference: ppl {:.4} +/- {:.4} over {} tokens in {:.1} s ({:.0} tokens/s); reference store {:.1} MiB",
+        reference.metrics.ppl,
+        reference.metrics.ppl_stderr,
+        reference.metrics.scored_tokens,
+        ref_s,
+        reference.metrics.tokens_per_s,
+        reference.bytes() as f64 / (1 << 20) as f64
+    );
+    // Quantized attention costs a little more than the f32 cache; tasks cost about the same per point.
+    let est = ref_s * 1.2 * points.len() as f64;
+    println!("expected run time of the text metrics: about {:.1} min for {} points (tasks extra)", est / 60.0, points.len());
+
+    let mut sens_cache = BTreeMap::new();
+    for (n_done, (_, point)) in points.iter().enumerate() {
+        let start = Instant::now();
+        let label = format!("{}/{} {}", n_done + 1, points.len(), point.name());
+        let layers = resolve_layers(lm, point, &windows, &reference, max_seq, &mut sens_cache)?;
+        let spec = point.cache_spec_for(layers.clone());
+        let mut cache = spec.build(shape.clone())?;
+        let metrics = if point.policy == PolicySpec::Full {
+            reference.metrics.clone()
+        } else {
+            let mut prog = Progress::new(label.clone(), processed, "tokens");
+            let m = evaluate_text(lm, cache.as_mut(), &windows, &reference, &mut |n| prog.inc(n))?;
+            prog.finish();
+            m
+        };
+        let task_results = run_tasks(lm, cache.as_mut(), &plan.tasks, &task_data, &label)?;
+        let (k_bits, v_bits, lk, lv) = match &layers {
+            None => (16.0, 16.0, Vec::new(), Vec::new()),
+            Some(ls) => {
+                let lk: Vec<f64> = ls.iter().map(|l| l.k.nominal_bits()).collect();
+                let lv: Vec<f64> = ls.iter().map(|l| l.v.nominal_bits()).collect();
+                let n = ls.len().max(1) as f64;
+                let (k, v) = (lk.iter().sum::<f64>() / n, lv.iter().sum::<f64>() / n);
+                if matches!(point.policy, PolicySpec::Budget { .. }) {
+                    (k, v, lk, lv)
+                } else {
+                    (k, v, Vec::new(), Vec::new())
+                }
+            }
+        };
+        let (budget, sensitivity) = match &point.policy {
+            PolicySpec::Budget { avg_bits, sensitivity } => (Some(*avg_bits), Some(sensitivity.name())),
+            _ => (None, None),
+        };
+        let full = point.policy == PolicySpec::Full;
+        let mut r = PointResult {
+            key: plan.key(point),
+            name: point.name(),
+            policy: match point.policy {
+                PolicySpec::Full => "full",
+                PolicySpec::Fixed { .. } => "fixed",
+                PolicySpec::Budget { .. } => "budget",
+            }
+            .into(),
+            k_bits,
+            v_bits,
+            group_size: if full { 0 } else { point.group },
+            k_axis: if full { String::new() } else { point.k_axis.to_string() },
+            v_axis: if full { String::new() } else { point.v_axis.to_string() },
+            residual: if full { 0 } else { point.residual },
+            sinks: if full { 0 } else { point.sinks },
+            budget,
+            sensitivity,
+            layer_k_bits: lk,
+            layer_v_bits: lv,
+            tasks: task_results,
+            ctx: plan.text.ctx,
+            windows: plan.text.windows,
+            ref_topk: plan.text.topk,
+            model: plan.model_name.clone(),
+            model_sha256: plan.model_sha256.clone(),
+            data_sha256: plan.data_sha256.clone(),
+            git_rev: plan.git_rev.clone(),
+            wall_s: if full { ref_s + start.elapsed().as_secs_f64() } else { start.elapsed().as_secs_f64() },
+            finished_at: now_secs(),
+            shard: plan.shard.map(|s| format!("{}/{}", s.index, s.count)),
+            ..Default::default()
+        };
+        r.set_text(&metrics);
+        file.append(&r)?;
+        let tasks: Vec<String> = r.tasks.iter().map(|(k, t)| format!("{k} {:.3}", t.accuracy)).collect();
+        let elapsed = t0.elapsed().as_secs_f64();
+        let left = elapsed / (n_done + 1) as f64 * (points.len() - n_done - 1) as f64;
+        println!(
+            "[{}] ppl {:.4} kl {:.5} (p99 {:.4}) top1 {:.4} bits/elt {:.3} kv {:.2} MiB {}{:.1} s; about {:.1} min left",
+            label,
+            r.ppl,
+            r.kl_mean,
+            r.kl_p99,
+            r.top1,
+            r.bits_per_element,
+            r.kv_bytes as f64 / (1 << 20) as f64,
+            if tasks.is_empty() { String::new() } else { format!("{} ", tasks.join(" ")) },
+            r.wall_s,
+            left / 60.0
+        );
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_partition_the_points() {
+        let s = Shard::parse("1/3").unwrap();
+        assert_eq!(s, Shard { index: 1, count: 3 });
+        let owned: Vec<usize> = (0..10).filter(|&i| s.owns(i)).collect();
+        assert_eq!(owned, [1, 4, 7]);
+        let mut all: Vec<usize> =
+            (0..3).flat_map(|k| (0..10).filter(move |&i| Shard { index: k, count: 3 }.owns(i))).collect();
+        all.sort();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        for bad in ["3/3", "x/2", "1", "0/0", "-1/2"] {
+            assert!(Shard::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn slurm_variables_pick_the_shard() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(Shard::from_slurm(env(&[])).unwrap(), None);
+        let s = Shard::from_slurm(env(&[("SLURM_ARRAY_TASK_ID", "5"), ("SLURM_ARRAY_TASK_COUNT", "4"), ("SLURM_ARRAY_TASK_MIN", "3")]))
+            .unwrap();
+        assert_eq!(s, Some(Shard { index: 2, count: 4 }));
+        assert!(Shard::from_slurm(env(&[("SLURM_ARRAY_TASK_ID", "9"), ("SLURM_ARRAY_TASK_COUNT", "4")])).is_err());
+    }
+
+    #[test]
+    fn keys_distinguish_layouts_and_names_read_well() {
+        let p = PointSpec {
+            policy: PolicySpec::Fixed { k: Some(Bits::B4), v: Some(Bits::B2) },
+            group: 64,
+            k_axis: GroupAxis::PerChannel,
+            v_axis: GroupAxis::PerToken,
+            residual: 128,
+            sinks: 4,
+        };
+        assert_eq!(p.name(), "K4V2");
+        let mut q = p.clone();
+        q.k_axis = GroupAxis::PerToken;
+        assert_ne!(p.config_key(), q.config_key());
+        let b = PointSpec { policy: PolicySpec::Budget { avg_bits: 4.0, sensitivity: SensSource::WeightFro }, ..p.clone() };
+        assert_eq!(b.name(), "budget4 weight_fro");
+        assert_eq!(parse_side_bits("16").unwrap(), None);
+        assert_eq!(parse_side_bits("1.58").unwrap(), Some(Bits::B1_58));
+        assert!(parse_side_bits("7").is_err());
+        let layers = p.layers_fixed(3).unwrap();
+        assert_eq!(layers.len(), 3);
+        assert_eq!(layers[0].k, Precision::Quant(QuantSpec::new(Bits::B4, 64, GroupAxis::PerChannel)));
+        let f = PointSpec { policy: PolicySpec::Fixed { k: None, v: Some(Bits::B2) }, ..p };
+        assert_eq!(f.layers_fixed(1).unwrap()[0].k, Precision::Full);
+        assert!("bogus".parse::<SensSource>().is_err());
+        assert_eq!("x/y/act_fro.json".parse::<SensSource>().unwrap().name(), "file:y/act_fro");
+    }
+}

@@ -1,0 +1,231 @@
+//! One decode step of grouped-query attention over a KV cache made of full-precision sink tokens, packed history and
+//! a full-precision tail, plus f32 and f16 baselines over unquantized keys and values.
+//!
+//! The fused kernel ([`decode_attention`]) never materializes the dequantized history (DESIGN.md, performance
+//! principles): scores come straight from codes with the per-group scale folded into the query, and the value sum
+//! folds scale and minimum into the probabilities. [`decode_attention_ref`] is its reference twin: it dequantizes
+//! everything and runs plain attention in f64.
+
+mod cpu;
+mod reference;
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::quant::PackedView;
+
+pub use reference::attention_ref;
+
+/// Everything one KV head holds, in position order: keys = `sink_k ++ k (packed) ++ tail_k`; values =
+/// `sink_v ++ v (packed) ++ tail_v`. Exact parts are `[tokens][head_dim]` f32. K and V may have different
+/// packed/tail splits (for example per-channel keys flush in blocks of G tokens, per-token values token by token)
+/// but the same total length; sinks are the same for both.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadKv<'a> {
+    pub sink_k: &'a [f32],
+    pub sink_v: &'a [f32],
+    pub k: Option<PackedView<'a>>,
+    pub v: Option<PackedView<'a>>,
+    pub tail_k: &'a [f32],
+    pub tail_v: &'a [f32],
+}
+
+impl<'a> HeadKv<'a> {
+    /// A head held entirely in full precision (no packed part, no sinks).
+    pub fn exact(k: &'a [f32], v: &'a [f32]) -> HeadKv<'a> {
+        HeadKv { sink_k: &[], sink_v: &[], k: None, v: None, tail_k: k, tail_v: v }
+    }
+
+    /// Total tokens of keys (equal to values' for a valid head).
+    pub fn tokens(&self, head_dim: usize) -> usize {
+        (self.sink_k.len() + self.tail_k.len()) / head_dim.max(1) + self.k.map_or(0, |v| v.tokens)
+    }
+
+    /// Checks the parts against each other and returns the total number of tokens.
+    pub fn check(&self, head: usize, head_dim: usize) -> Result<usize> {
+        let d = head_dim;
+        let whole = |what: &'static str, x: &[f32]| -> Result<usize> {
+            if x.len() % d != 0 {
+                return Err(Error::ShapeMismatch { what, expected: x.len() / d * d, got: x.len() });
+            }
+            Ok(x.len() / d)
+        };
+        let sink = whole("sink keys ([tokens][head_dim])", self.sink_k)?;
+        let sink_v = whole("sink values ([tokens][head_dim])", self.sink_v)?;
+        if sink != sink_v {
+            return Err(Error::KvLengthMismatch { head, k_tokens: sink, v_tokens: sink_v });
+        }
+        let tail_k = whole("tail keys ([tokens][head_dim])", self.tail_k)?;
+        let tail_v = whole("tail values ([tokens][head_dim])", self.tail_v)?;
+        let packed = |view: &Option<PackedView<'_>>| -> Result<usize> {
+            match view {
+                None => Ok(0),
+                Some(v) => {
+                    if v.head_dim != d {
+                        return Err(Error::BadView { what: "head_dim of a packed view", expected: d, got: v.head_dim });
+                    }
+                    v.check()?;
+                    Ok(v.tokens)
+                }
+            }
+        };
+        let k_tokens = sink + packed(&self.k)? + tail_k;
+        let v_tokens = sink + packed(&self.v)? + tail_v;
+        if k_tokens != v_tokens {
+            return Err(Error::KvLengthMismatch { head, k_tokens, v_tokens });
+        }
+        if k_tokens == 0 {
+            return Err(Error::EmptyContext);
+        }
+        Ok(k_tokens)
+    }
+}
+
+/// Checks the shapes of one decode step and returns the number of query heads per KV head.
+fn check_step(q: &[f32], n_kv: usize, head_dim: usize, out: &[f32]) -> Result<usize> {
+    if head_dim == 0 {
+        return Err(Error::ShapeMismatch { what: "head_dim (must be positive)", expected: 1, got: 0 });
+    }
+    if q.len() % head_dim != 0 || q.is_empty() {
+        return Err(Error::ShapeMismatch {
+            what: "query ([n_q_heads][head_dim])",
+            expected: (q.len() / head_dim).max(1) * head_dim,
+            got: q.len(),
+        });
+    }
+    if out.len() != q.len() {
+        return Err(Error::ShapeMismatch { what: "output ([n_q_heads][head_dim])", expected: q.len(), got: out.len() });
+    }
+    let n_q = q.len() / head_dim;
+    if n_kv == 0 || n_q % n_kv != 0 {
+        return Err(Error::BadGqa { n_q_heads: n_q, n_kv_heads: n_kv });
+    }
+    Ok(n_q / n_kv)
+}
+
+fn check_heads(heads: &[HeadKv<'_>], head_dim: usize) -> Result<()> {
+    for (h, head) in heads.iter().enumerate() {
+        head.check(h, head_dim)?;
+    }
+    Ok(())
+}
+
+/// One decode step of grouped-query attention: `q` is `[n_q_heads][head_dim]`, `heads.len()` is `n_kv_heads`,
+/// `out` is `[n_q_heads][head_dim]`. Query head `i` attends to KV head `i / (n_q_heads / n_kv_heads)`.
+/// Reference twin of [`decode_attention`]: dequantizes each head, then plain attention in f64.
+pub fn decode_attention_ref(
+    q: &[f32],
+    heads: &[HeadKv<'_>],
+    head_dim: usize,
+    softmax_scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let n_rep = check_step(q, heads.len(), head_dim, out)?;
+    check_heads(heads, head_dim)?;
+    let d = head_dim;
+    for (h, head) in heads.iter().enumerate() {
+        let (k, v) = reference::materialize(head, d)?;
+        let rows = h * n_rep * d..(h + 1) * n_rep * d;
+        attention_ref(&q[rows.clone()], &[&k], &[&v], d, softmax_scale, &mut out[rows])?;
+    }
+    Ok(())
+}
+
+/// One decode step of grouped-query attention over packed KV heads, fused (codes are never dequantized into a
+/// buffer), SIMD chosen at run time, rayon over KV heads. Same arguments as [`decode_attention_ref`].
+pub fn decode_attention(
+    q: &[f32],
+    heads: &[HeadKv<'_>],
+    head_dim: usize,
+    softmax_scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let n_rep = check_step(q, heads.len(), head_dim, out)?;
+    check_heads(heads, head_dim)?;
+    let d = head_dim;
+    q.par_chunks(n_rep * d).zip(out.par_chunks_mut(n_rep * d)).zip(heads.par_iter()).for_each(|((qh, oh), head)| {
+        cpu::attend_head(qh, head, d, softmax_scale, oh);
+    });
+    Ok(())
+}
+
+/// The fused kernel of [`decode_attention`] without rayon, for callers that parallelise over queries themselves.
+pub fn decode_attention_serial(
+    q: &[f32],
+    heads: &[HeadKv<'_>],
+    head_dim: usize,
+    softmax_scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let n_rep = check_step(q, heads.len(), head_dim, out)?;
+    check_heads(heads, head_dim)?;
+    let d = head_dim;
+    for ((qh, oh), head) in q.chunks(n_rep * d).zip(out.chunks_mut(n_rep * d)).zip(heads) {
+        cpu::attend_head(qh, head, d, softmax_scale, oh);
+    }
+    Ok(())
+}
+
+fn check_baseline<T>(q: &[f32], keys: &[&[T]], values: &[&[T]], head_dim: usize, out: &[f32]) -> Result<usize> {
+    let n_rep = check_step(q, keys.len(), head_dim, out)?;
+    if values.len() != keys.len() {
+        return Err(Error::ShapeMismatch { what: "value heads", expected: keys.len(), got: values.len() });
+    }
+    for (h, (k, v)) in keys.iter().zip(values).enumerate() {
+        if k.len() % head_dim != 0 {
+            return Err(Error::ShapeMismatch {
+                what: "keys ([tokens][head_dim])",
+                expected: k.len() / head_dim * head_dim,
+                got: k.len(),
+            });
+        }
+        if k.len() != v.len() {
+            return Err(Error::KvLengthMismatch { head: h, k_tokens: k.len() / head_dim, v_tokens: v.len() / head_dim });
+        }
+        if k.is_empty() {
+            return Err(Error::EmptyContext);
+        }
+    }
+    Ok(n_rep)
+}
+
+/// Baseline decode attention over unquantized f32 keys and values (`[tokens][head_dim]` per KV head), with the same
+/// care as the fused kernel (SIMD, two passes, rayon over KV heads).
+pub fn attention_f32(
+    q: &[f32],
+    keys: &[&[f32]],
+    values: &[&[f32]],
+    head_dim: usize,
+    softmax_scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let n_rep = check_baseline(q, keys, values, head_dim, out)?;
+    let d = head_dim;
+    q.par_chunks(n_rep * d).zip(out.par_chunks_mut(n_rep * d)).zip(keys.par_iter().zip(values.par_iter())).for_each(
+        |((qh, oh), (k, v))| {
+            cpu::attend_exact_f32(qh, k, v, d, softmax_scale, oh);
+        },
+    );
+    Ok(())
+}
+
+/// Baseline decode attention over unquantized f16 keys and values (`[tokens][head_dim]` per KV head); see
+/// [`attention_f32`].
+pub fn attention_f16(
+    q: &[f32],
+    keys: &[&[f16]],
+    values: &[&[f16]],
+    head_dim: usize,
+    softmax_scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let n_rep = check_baseline(q, keys, values, head_dim, out)?;
+    let d = head_dim;
+    q.par_chunks(n_rep * d).zip(out.par_chunks_mut(n_rep * d)).zip(keys.par_iter().zip(values.par_iter())).for_each(
+        |((qh, oh), (k, v))| {
+            cpu::attend_exact_f16(qh, k, v, d, softmax_scale, oh);
+        },
+    );
+    Ok(())
+}

@@ -1,0 +1,475 @@
+//! Group-wise asymmetric min-max quantization of one KV head into a packed stream, and dequantization.
+//!
+//! Semantics (DESIGN.md): for a group with minimum `min` and maximum `max`, `scale = (max - min) / (levels - 1)`,
+//! `code = clamp(round((x - min) / scale), 0, levels - 1)` and `x^ = min + code * scale`. The scale and minimum are
+//! first rounded to the metadata type (f16 by default) and the codes are computed against the rounded values, so the
+//! stored metadata and codes are consistent. A constant group has scale 0 and reconstructs exactly whenever its value
+//! is representable in the metadata type (always with f32 metadata).
+//!
+//! [`PackedStream`] owns the packed codes and metadata of one KV head and grows by appends; every value is quantized
+//! exactly once, when it is pushed. [`PackedView`] borrows a stream (or any consistent set of buffers).
+
+mod cpu;
+pub mod hqq;
+mod reference;
+
+use half::f16;
+
+use crate::error::{Error, Result};
+use crate::format::{GroupAxis, MetaDtype, QuantSpec};
+use crate::pack;
+
+/// Owned group metadata (scales or minimums) in its storage type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetaBuf {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl MetaBuf {
+    /// An empty buffer of the given type.
+    pub fn new(dtype: MetaDtype) -> MetaBuf {
+        MetaBuf::with_capacity(dtype, 0)
+    }
+
+    /// An empty buffer of the given type with room for `n` entries.
+    pub fn with_capacity(dtype: MetaDtype, n: usize) -> MetaBuf {
+        match dtype {
+            MetaDtype::F16 => MetaBuf::F16(Vec::with_capacity(n)),
+            MetaDtype::F32 => MetaBuf::F32(Vec::with_capacity(n)),
+        }
+    }
+
+    /// The storage type.
+    pub fn dtype(&self) -> MetaDtype {
+        match self {
+            MetaBuf::F16(_) => MetaDtype::F16,
+            MetaBuf::F32(_) => MetaDtype::F32,
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        match self {
+            MetaBuf::F16(v) => v.len(),
+            MetaBuf::F32(v) => v.len(),
+        }
+    }
+
+    /// Whether the buffer holds no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entry `i` as f32.
+    pub fn get(&self, i: usize) -> f32 {
+        self.view().get(i)
+    }
+
+    /// Bytes held by the entries (not counting spare capacity).
+    pub fn bytes(&self) -> usize {
+        self.len() * self.dtype().bytes()
+    }
+
+    /// Appends `x`, rounded to the storage type.
+    pub fn push(&mut self, x: f32) {
+        match self {
+            MetaBuf::F16(v) => v.push(f16::from_f32(x)),
+            MetaBuf::F32(v) => v.push(x),
+        }
+    }
+
+    /// Removes every entry, keeping the allocation.
+    pub fn clear(&mut self) {
+        match self {
+            MetaBuf::F16(v) => v.clear(),
+            MetaBuf::F32(v) => v.clear(),
+        }
+    }
+
+    /// A borrowed view of the entries.
+    pub fn view(&self) -> MetaView<'_> {
+        match self {
+            MetaBuf::F16(v) => MetaView::F16(v),
+            MetaBuf::F32(v) => MetaView::F32(v),
+        }
+    }
+
+    fn reserve(&mut self, n: usize) {
+        match self {
+            MetaBuf::F16(v) => v.reserve(n),
+            MetaBuf::F32(v) => v.reserve(n),
+        }
+    }
+}
+
+/// Borrowed group metadata (scales or minimums) in its storage type.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MetaView<'a> {
+    F16(&'a [f16]),
+    F32(&'a [f32]),
+}
+
+impl<'a> MetaView<'a> {
+    /// The storage type.
+    pub fn dtype(&self) -> MetaDtype {
+        match self {
+            MetaView::F16(_) => MetaDtype::F16,
+            MetaView::F32(_) => MetaDtype::F32,
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        match self {
+            MetaView::F16(v) => v.len(),
+            MetaView::F32(v) => v.len(),
+        }
+    }
+
+    /// Whether the view holds no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entry `i` as f32.
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            MetaView::F16(v) => v[i].to_f32(),
+            MetaView::F32(v) => v[i],
+        }
+    }
+
+    /// Bytes of the entries.
+    pub fn bytes(&self) -> usize {
+        self.len() * self.dtype().bytes()
+    }
+
+    /// Entries `start .. start + len`.
+    pub fn slice(&self, start: usize, len: usize) -> MetaView<'a> {
+        match self {
+            MetaView::F16(v) => MetaView::F16(&v[start..start + len]),
+            MetaView::F32(v) => MetaView::F32(&v[start..start + len]),
+        }
+    }
+
+    /// Converts entries `start .. start + out.len()` to f32.
+    #[inline]
+    pub fn read_into(&self, start: usize, out: &mut [f32]) {
+        match self {
+            MetaView::F16(v) => {
+                let n = out.len();
+                for (o, x) in out.iter_mut().zip(&v[start..start + n]) {
+                    *o = x.to_f32();
+                }
+            }
+            MetaView::F32(v) => {
+                let n = out.len();
+                out.copy_from_slice(&v[start..start + n]);
+            }
+        }
+    }
+}
+
+/// Rounds `x` to the metadata type and back, failing when it does not fit.
+#[inline]
+pub(crate) fn round_meta(dtype: MetaDtype, what: &'static str, x: f32) -> Result<f32> {
+    let r = match dtype {
+        MetaDtype::F16 => f16::from_f32(x).to_f32(),
+        MetaDtype::F32 => x,
+    };
+    if r.is_finite() {
+        Ok(r)
+    } else {
+        Err(Error::MetaOverflow { what, value: x, dtype })
+    }
+}
+
+/// The code of `x` in a group with stored scale `s` and minimum `m` (the one quantization formula of the crate).
+#[inline(always)]
+pub(crate) fn quantize_value(x: f32, s: f32, m: f32, max_code: f32) -> u8 {
+    if s > 0.0 {
+        ((x - m) / s).round().clamp(0.0, max_code) as u8
+    } else {
+        0
+    }
+}
+
+/// Fails with [`Error::NonFinite`] at the first NaN or infinity.
+pub(crate) fn check_finite(what: &'static str, x: &[f32]) -> Result<()> {
+    // Summing `x * 0` is NaN exactly when some element is non-finite, and it vectorizes.
+    let probe: f32 = x.chunks(256).map(|c| c.iter().map(|&v| v * 0.0).sum::<f32>()).sum();
+    if probe.is_nan() {
+        let index = x.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        return Err(Error::NonFinite { what, index, value: x[index] });
+    }
+    Ok(())
+}
+
+/// The packed keys or values of one KV head of one layer, growing by appends.
+/// Stream element order as in [`crate::format::GroupAxis`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedStream {
+    spec: QuantSpec,
+    head_dim: usize,
+    tokens: usize,
+    codes: Vec<u8>,
+    scales: MetaBuf,
+    mins: MetaBuf,
+}
+
+impl PackedStream {
+    /// An empty stream; checks the spec against `head_dim`.
+    pub fn new(spec: QuantSpec, head_dim: usize) -> Result<Self> {
+        PackedStream::with_capacity(spec, head_dim, 0)
+    }
+
+    /// An empty stream with room for `tokens` tokens without reallocating.
+    pub fn with_capacity(spec: QuantSpec, head_dim: usize, tokens: usize) -> Result<Self> {
+        spec.validate(head_dim)?;
+        if head_dim == 0 {
+            return Err(Error::ShapeMismatch { what: "head_dim (must be positive)", expected: 1, got: 0 });
+        }
+        let groups = tokens * head_dim / spec.group;
+        Ok(PackedStream {
+            spec,
+            head_dim,
+            tokens: 0,
+            codes: Vec::with_capacity(spec.bits.packed_bytes(tokens * head_dim)),
+            scales: MetaBuf::with_capacity(spec.meta, groups),
+            mins: MetaBuf::with_capacity(spec.meta, groups),
+        })
+    }
+
+    /// Quantizes `x` (`[t][head_dim]`, one head) group by group and appends the codes and metadata; each value is
+    /// quantized exactly once. Per-channel streams need `t` to be a multiple of the group size. Non-finite input
+    /// returns [`Error::NonFinite`] and leaves the stream unchanged.
+    pub fn push(&mut self, x: &[f32]) -> Result<()> {
+        self.push_with(x, true)
+    }
+
+    /// Reference twin of [`PackedStream::push`]: scalar loops, one code at a time.
+    pub fn push_ref(&mut self, x: &[f32]) -> Result<()> {
+        self.push_with(x, false)
+    }
+
+    fn push_with(&mut self, x: &[f32], fast: bool) -> Result<()> {
+        let d = self.head_dim;
+        if x.len() % d != 0 {
+            return Err(Error::ShapeMismatch {
+                what: "pushed values (a whole number of tokens of head_dim)",
+                expected: x.len() / d * d,
+                got: x.len(),
+            });
+        }
+        let t = x.len() / d;
+        if t == 0 {
+            return Ok(());
+        }
+        let spec = self.spec;
+        if spec.axis == GroupAxis::PerChannel && t % spec.group != 0 {
+            return Err(Error::GroupDoesNotDivide {
+                group: spec.group,
+                len: t,
+                what: "tokens pushed at once",
+                axis: spec.axis,
+            });
+        }
+        check_finite("input to quantize", x)?;
+        let n_groups = spec.n_groups(t, d);
+        let mut codes = vec![0u8; t * d];
+        let mut scales = vec![0f32; n_groups];
+        let mut mins = vec![0f32; n_groups];
+        if fast {
+            cpu::quantize_codes(&spec, d, x, &mut codes, &mut scales, &mut mins)?;
+        } else {
+            reference::quantize_codes(&spec, d, x, &mut codes, &mut scales, &mut mins)?;
+        }
+        // Nothing below can fail: the stream changes only now.
+        let start = self.tokens * d;
+        self.codes.resize(spec.bits.packed_bytes(start + t * d), 0);
+        pack::pack_at(spec.bits, &mut self.codes, start, &codes, fast);
+        self.scales.reserve(n_groups);
+        self.mins.reserve(n_groups);
+        for (&s, &m) in scales.iter().zip(&mins) {
+            self.scales.push(s);
+            self.mins.push(m);
+        }
+        self.tokens += t;
+        Ok(())
+    }
+
+    /// Number of quantized tokens held.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// The quantization recipe.
+    pub fn spec(&self) -> &QuantSpec {
+        &self.spec
+    }
+
+    /// Channels per token.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// Bytes held: codes plus metadata; equals `spec.bytes(tokens, 1, head_dim)`.
+    pub fn bytes(&self) -> usize {
+        self.code_bytes() + self.meta_bytes()
+    }
+
+    /// Bytes of packed codes.
+    pub fn code_bytes(&self) -> usize {
+        self.codes.len()
+    }
+
+    /// Bytes of scales and minimums.
+    pub fn meta_bytes(&self) -> usize {
+        self.scales.bytes() + self.mins.bytes()
+    }
+
+    /// A borrowed view of everything held.
+    pub fn view(&self) -> PackedView<'_> {
+        PackedView {
+            spec: self.spec,
+            head_dim: self.head_dim,
+            tokens: self.tokens,
+            codes: &self.codes,
+            scales: self.scales.view(),
+            mins: self.mins.view(),
+        }
+    }
+
+    /// Removes every token, keeping the allocations.
+    pub fn clear(&mut self) {
+        self.tokens = 0;
+        self.codes.clear();
+        self.scales.clear();
+        self.mins.clear();
+    }
+}
+
+/// A borrowed packed stream: `tokens` tokens of one KV head in the element order of `spec.axis`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PackedView<'a> {
+    pub spec: QuantSpec,
+    pub head_dim: usize,
+    pub tokens: usize,
+    pub codes: &'a [u8],
+    pub scales: MetaView<'a>,
+    pub mins: MetaView<'a>,
+}
+
+impl<'a> PackedView<'a> {
+    /// The first `tokens` tokens.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `tokens` exceeds the view or, for per-channel groups, is not a multiple of the group size;
+    /// [`PackedView::try_prefix`] returns an error instead.
+    pub fn prefix(&self, tokens: usize) -> Self {
+        match self.try_prefix(tokens) {
+            Ok(v) => v,
+            Err(e) => panic!("PackedView::prefix: {e}"),
+        }
+    }
+
+    /// The first `tokens` tokens, or an error if the view is shorter or a per-channel block would be cut.
+    pub fn try_prefix(&self, tokens: usize) -> Result<Self> {
+        if tokens > self.tokens {
+            return Err(Error::BadView { what: "prefix tokens (at most the view's tokens)", expected: self.tokens, got: tokens });
+        }
+        if self.spec.axis == GroupAxis::PerChannel && tokens % self.spec.group != 0 {
+            return Err(Error::GroupDoesNotDivide {
+                group: self.spec.group,
+                len: tokens,
+                what: "prefix tokens",
+                axis: self.spec.axis,
+            });
+        }
+        let d = self.head_dim;
+        let groups = self.spec.n_groups(tokens, d);
+        Ok(PackedView {
+            tokens,
+            codes: &self.codes[..self.spec.bits.packed_bytes(tokens * d)],
+            scales: self.scales.slice(0, groups),
+            mins: self.mins.slice(0, groups),
+            ..*self
+        })
+    }
+
+    /// Bytes of codes and metadata the view covers.
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + self.scales.bytes() + self.mins.bytes()
+    }
+
+    /// Checks that the parts agree: spec valid, buffer lengths match `tokens`.
+    pub fn check(&self) -> Result<()> {
+        self.spec.validate(self.head_dim)?;
+        let d = self.head_dim;
+        if d == 0 {
+            return Err(Error::BadView { what: "head_dim", expected: 1, got: 0 });
+        }
+        if self.spec.axis == GroupAxis::PerChannel && self.tokens % self.spec.group != 0 {
+            return Err(Error::GroupDoesNotDivide {
+                group: self.spec.group,
+                len: self.tokens,
+                what: "tokens of a per-channel view",
+                axis: self.spec.axis,
+            });
+        }
+        let need = self.spec.bits.packed_bytes(self.tokens * d);
+        if self.codes.len() < need {
+            return Err(Error::BadView { what: "code bytes", expected: need, got: self.codes.len() });
+        }
+        let groups = self.spec.n_groups(self.tokens, d);
+        if self.scales.len() != groups {
+            return Err(Error::BadView { what: "scales", expected: groups, got: self.scales.len() });
+        }
+        if self.mins.len() != groups {
+            return Err(Error::BadView { what: "minimums", expected: groups, got: self.mins.len() });
+        }
+        Ok(())
+    }
+}
+
+fn check_out(view: &PackedView<'_>, out: &[f32]) -> Result<()> {
+    view.check()?;
+    let expected = view.tokens * view.head_dim;
+    if out.len() != expected {
+        return Err(Error::ShapeMismatch { what: "dequantized output ([tokens][head_dim])", expected, got: out.len() });
+    }
+    Ok(())
+}
+
+/// Reconstructs `[tokens][head_dim]` values from a packed view, one element at a time. Reference twin of
+/// [`dequantize`].
+pub fn dequantize_ref(view: &PackedView<'_>, out: &mut [f32]) -> Result<()> {
+    check_out(view, out)?;
+    reference::dequantize(view, out);
+    Ok(())
+}
+
+/// Reconstructs `[tokens][head_dim]` values from a packed view; fast twin of [`dequantize_ref`] with bit-identical
+/// results.
+pub fn dequantize(view: &PackedView<'_>, out: &mut [f32]) -> Result<()> {
+    check_out(view, out)?;
+    cpu::dequantize(view, out);
+    Ok(())
+}
+
+/// Quantizes `x` (`[t][head_dim]`, one head) into a new stream with the scalar reference path.
+pub fn quantize_ref(spec: &QuantSpec, head_dim: usize, x: &[f32]) -> Result<PackedStream> {
+    let mut s = PackedStream::with_capacity(*spec, head_dim, x.len() / head_dim.max(1))?;
+    s.push_ref(x)?;
+    Ok(s)
+}
+
+/// Quantizes `x` (`[t][head_dim]`, one head) into a new stream with the fast path.
+pub fn quantize(spec: &QuantSpec, head_dim: usize, x: &[f32]) -> Result<PackedStream> {
+    let mut s = PackedStream::with_capacity(*spec, head_dim, x.len() / head_dim.max(1))?;
+    s.push(x)?;
+    Ok(s)
+}

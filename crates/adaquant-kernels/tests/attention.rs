@@ -1,0 +1,284 @@
+//! Fused decode attention against dequantize-then-reference attention, at every SIMD level, plus the baselines.
+
+mod common;
+
+use std::sync::Mutex;
+
+use adaquant_kernels::attn::{attention_f16, attention_f32, attention_ref, HeadKv};
+use adaquant_kernels::quant::{dequantize_ref, quantize, PackedStream};
+use adaquant_kernels::simd::{detected, set_simd_override, SimdLevel};
+use adaquant_kernels::{decode_attention, decode_attention_ref, decode_attention_serial};
+use adaquant_kernels::{Bits, Error, GroupAxis, QuantSpec};
+use half::f16;
+use rand::rngs::StdRng;
+
+/// Tests that change the process-wide SIMD override hold this lock; the others hold it too so they always run at
+/// the detected level.
+static SIMD: Mutex<()> = Mutex::new(());
+
+/// One KV head as a cache holds it: sinks, packed parts (K and V split differently), full-precision tails.
+struct Head {
+    sink_k: Vec<f32>,
+    sink_v: Vec<f32>,
+    k: Option<PackedStream>,
+    v: Option<PackedStream>,
+    tail_k: Vec<f32>,
+    tail_v: Vec<f32>,
+}
+
+impl Head {
+    /// `ctx` history tokens go to the packed parts (per-channel streams take whole blocks, the rest stays exact),
+    /// followed by `tail` exact tokens; `sink` exact tokens come first.
+    fn new(rng: &mut StdRng, ks: QuantSpec, vs: QuantSpec, d: usize, sink: usize, ctx: usize, tail: usize) -> Head {
+        let k = common::keys_with_outliers(rng, sink + ctx + tail, d);
+        let v = common::gaussian(rng, (sink + ctx + tail) * d, 1.0);
+        let split = |spec: &QuantSpec, x: &[f32]| -> (Option<PackedStream>, Vec<f32>) {
+            let packed = if spec.axis == GroupAxis::PerChannel { ctx / spec.group * spec.group } else { ctx };
+            let stream = (packed > 0).then(|| quantize(spec, d, &x[sink * d..(sink + packed) * d]).unwrap());
+            (stream, x[(sink + packed) * d..].to_vec())
+        };
+        let (kp, tail_k) = split(&ks, &k);
+        let (vp, tail_v) = split(&vs, &v);
+        Head { sink_k: k[..sink * d].to_vec(), sink_v: v[..sink * d].to_vec(), k: kp, v: vp, tail_k, tail_v }
+    }
+
+    fn kv(&self) -> HeadKv<'_> {
+        HeadKv {
+            sink_k: &self.sink_k,
+            sink_v: &self.sink_v,
+            k: self.k.as_ref().map(|s| s.view()),
+            v: self.v.as_ref().map(|s| s.view()),
+            tail_k: &self.tail_k,
+            tail_v: &self.tail_v,
+        }
+    }
+
+    /// Keys and values dequantized with the reference path, concatenated in position order.
+    fn dequantized(&self, d: usize) -> (Vec<f32>, Vec<f32>) {
+        let one = |sink: &[f32], s: &Option<PackedStream>, tail: &[f32]| {
+            let mut x = sink.to_vec();
+            if let Some(s) = s {
+                let start = x.len();
+                x.resize(start + s.tokens() * d, 0.0);
+                dequantize_ref(&s.view(), &mut x[start..]).unwrap();
+            }
+            x.extend_from_slice(tail);
+            x
+        };
+        (one(&self.sink_k, &self.k, &self.tail_k), one(&self.sink_v, &self.v, &self.tail_v))
+    }
+}
+
+/// Worst norm-wise relative error over query heads.
+fn worst_rel_err(a: &[f32], b: &[f32], d: usize) -> f64 {
+    a.chunks(d).zip(b.chunks(d)).map(|(x, y)| common::rel_err(x, y)).fold(0.0, f64::max)
+}
+
+struct Case {
+    kspec: QuantSpec,
+    vspec: QuantSpec,
+    d: usize,
+    n_kv: usize,
+    gqa: usize,
+    sink: usize,
+    ctx: usize,
+    tail: usize,
+}
+
+/// Checks the fused kernel (rayon and serial) and `decode_attention_ref` against reference attention over the
+/// dequantized history, at the current SIMD level.
+fn check(rng: &mut StdRng, c: &Case) {
+    let heads: Vec<Head> =
+        (0..c.n_kv).map(|_| Head::new(rng, c.kspec, c.vspec, c.d, c.sink, c.ctx, c.tail)).collect();
+    let kv: Vec<HeadKv<'_>> = heads.iter().map(Head::kv).collect();
+    let n_q = c.n_kv * c.gqa;
+    let q = common::gaussian(rng, n_q * c.d, 1.0);
+    let scale = 1.0 / (c.d as f32).sqrt();
+    let deq: Vec<(Vec<f32>, Vec<f32>)> = heads.iter().map(|h| h.dequantized(c.d)).collect();
+    let ks: Vec<&[f32]> = deq.iter().map(|x| x.0.as_slice()).collect();
+    let vs: Vec<&[f32]> = deq.iter().map(|x| x.1.as_slice()).collect();
+    let mut want = vec![0f32; n_q * c.d];
+    attention_ref(&q, &ks, &vs, c.d, scale, &mut want).unwrap();
+    let label = format!(
+        "K{} {} V{} {} d={} n_kv={} gqa={} sink={} ctx={} tail={}",
+        c.kspec.bits, c.kspec.axis, c.vspec.bits, c.vspec.axis, c.d, c.n_kv, c.gqa, c.sink, c.ctx, c.tail
+    );
+    let mut got = vec![0f32; n_q * c.d];
+    decode_attention(&q, &kv, c.d, scale, &mut got).unwrap();
+    let e = worst_rel_err(&got, &want, c.d);
+    assert!(e < 1e-5, "fused: rel err {e:e} at {label}");
+    let mut serial = vec![0f32; n_q * c.d];
+    decode_attention_serial(&q, &kv, c.d, scale, &mut serial).unwrap();
+    assert_eq!(serial, got, "serial differs from rayon at {label}");
+    let mut r = vec![0f32; n_q * c.d];
+    decode_attention_ref(&q, &kv, c.d, scale, &mut r).unwrap();
+    assert!(worst_rel_err(&r, &want, c.d) < 1e-6, "decode_attention_ref at {label}");
+}
+
+fn levels() -> Vec<SimdLevel> {
+    [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512].into_iter().filter(|&l| l <= detected()).collect()
+}
+
+const AXES: [(GroupAxis, GroupAxis); 4] = [
+    (GroupAxis::PerChannel, GroupAxis::PerToken),
+    (GroupAxis::PerToken, GroupAxis::PerToken),
+    (GroupAxis::PerChannel, GroupAxis::PerChannel),
+    (GroupAxis::PerToken, GroupAxis::PerChannel),
+];
+
+#[test]
+fn every_bit_pair_and_layout_at_every_simd_level() {
+    let _lock = SIMD.lock().unwrap();
+    let mut rng = common::rng(20);
+    for level in levels() {
+        set_simd_override(Some(level));
+        for (i, kb) in Bits::ALL.into_iter().enumerate() {
+            for (j, vb) in Bits::ALL.into_iter().enumerate() {
+                for (a, (ka, va)) in AXES.into_iter().enumerate() {
+                    let case = Case {
+                        kspec: QuantSpec::new(kb, 32, ka),
+                        vspec: QuantSpec::new(vb, if va == GroupAxis::PerToken { 64 } else { 16 }, va),
+                        d: 64,
+                        n_kv: 2,
+                        gqa: 3,
+                        sink: (i + a) % 2 * 4,
+                        ctx: 97,
+                        tail: if (i + j + a) % 2 == 0 { 0 } else { 37 },
+                    };
+                    check(&mut rng, &case);
+                }
+            }
+        }
+    }
+    set_simd_override(None);
+}
+
+#[test]
+fn awkward_sizes() {
+    let _lock = SIMD.lock().unwrap();
+    let mut rng = common::rng(21);
+    let pairs = [(Bits::B4, Bits::B2), (Bits::B2, Bits::B4), (Bits::B8, Bits::B8), (Bits::B3, Bits::B1_58)];
+    let mut n = 0usize;
+    for level in levels() {
+        set_simd_override(Some(level));
+        for ctx in [1, 7, 54, 97, 4097] {
+            for gqa in [1, 3, 4] {
+                for d in [64, 128] {
+                    for tail in [0, 37] {
+                        n += 1;
+                        // The long context takes one configuration per (gqa, d) to keep the run short.
+                        if ctx == 4097 && (tail == 37) == (d == 64) {
+                            continue;
+                        }
+                        let (kb, vb) = pairs[n % pairs.len()];
+                        let (ka, va) = AXES[n % AXES.len()];
+                        let case = Case {
+                            kspec: QuantSpec::new(kb, 32, ka),
+                            vspec: QuantSpec::new(vb, if va == GroupAxis::PerToken { 32 } else { 64 }, va),
+                            d,
+                            n_kv: if gqa == 4 { 2 } else { 3 },
+                            gqa,
+                            sink: if n % 3 == 0 { 5 } else { 0 },
+                            ctx,
+                            tail,
+                        };
+                        check(&mut rng, &case);
+                    }
+                }
+            }
+        }
+    }
+    set_simd_override(None);
+}
+
+#[test]
+fn fast_levels_agree_with_each_other() {
+    let _lock = SIMD.lock().unwrap();
+    let mut rng = common::rng(22);
+    let d = 128;
+    let head = Head::new(
+        &mut rng,
+        QuantSpec::new(Bits::B4, 64, GroupAxis::PerChannel),
+        QuantSpec::new(Bits::B2, 64, GroupAxis::PerToken),
+        d,
+        4,
+        700,
+        37,
+    );
+    let q = common::gaussian(&mut rng, 4 * d, 2.0);
+    let mut outs = Vec::new();
+    for level in levels() {
+        set_simd_override(Some(level));
+        let mut o = vec![0f32; 4 * d];
+        decode_attention(&q, &[head.kv()], d, 0.125, &mut o).unwrap();
+        outs.push(o);
+    }
+    set_simd_override(None);
+    for o in &outs[1..] {
+        assert!(worst_rel_err(o, &outs[0], d) < 2e-6);
+    }
+}
+
+#[test]
+fn baselines_match_reference() {
+    let _lock = SIMD.lock().unwrap();
+    let mut rng = common::rng(23);
+    for level in levels() {
+        set_simd_override(Some(level));
+        for (d, t, n_kv, gqa) in [(64, 1, 3, 3), (64, 97, 3, 3), (128, 54, 2, 4), (72, 33, 1, 1), (128, 4097, 1, 4)] {
+            let k: Vec<Vec<f32>> = (0..n_kv).map(|_| common::gaussian(&mut rng, t * d, 1.0)).collect();
+            let v: Vec<Vec<f32>> = (0..n_kv).map(|_| common::gaussian(&mut rng, t * d, 1.0)).collect();
+            // Round to f16 first so both baselines see the same numbers.
+            let kh: Vec<Vec<f16>> = k.iter().map(|x| x.iter().map(|&a| f16::from_f32(a)).collect()).collect();
+            let vh: Vec<Vec<f16>> = v.iter().map(|x| x.iter().map(|&a| f16::from_f32(a)).collect()).collect();
+            let k32: Vec<Vec<f32>> = kh.iter().map(|x| x.iter().map(|a| a.to_f32()).collect()).collect();
+            let v32: Vec<Vec<f32>> = vh.iter().map(|x| x.iter().map(|a| a.to_f32()).collect()).collect();
+            let ks: Vec<&[f32]> = k32.iter().map(Vec::as_slice).collect();
+            let vs: Vec<&[f32]> = v32.iter().map(Vec::as_slice).collect();
+            let q = common::gaussian(&mut rng, n_kv * gqa * d, 1.0);
+            let mut want = vec![0f32; q.len()];
+            attention_ref(&q, &ks, &vs, d, 0.1, &mut want).unwrap();
+            let mut a = vec![0f32; q.len()];
+            attention_f32(&q, &ks, &vs, d, 0.1, &mut a).unwrap();
+            assert!(worst_rel_err(&a, &want, d) < 1e-5, "f32 d={d} t={t} {level:?}");
+            let khs: Vec<&[f16]> = kh.iter().map(Vec::as_slice).collect();
+            let vhs: Vec<&[f16]> = vh.iter().map(Vec::as_slice).collect();
+            let mut b = vec![0f32; q.len()];
+            attention_f16(&q, &khs, &vhs, d, 0.1, &mut b).unwrap();
+            assert!(worst_rel_err(&b, &want, d) < 1e-5, "f16 d={d} t={t} {level:?}");
+        }
+    }
+    set_simd_override(None);
+}
+
+#[test]
+fn bad_shapes_are_typed_errors() {
+    let _lock = SIMD.lock().unwrap();
+    let d = 64;
+    let mut rng = common::rng(24);
+    let h = Head::new(
+        &mut rng,
+        QuantSpec::new(Bits::B4, 32, GroupAxis::PerChannel),
+        QuantSpec::new(Bits::B2, 64, GroupAxis::PerToken),
+        d,
+        0,
+        64,
+        3,
+    );
+    let kv = h.kv();
+    let q = vec![0.5f32; 3 * d];
+    let mut out = vec![0f32; 3 * d];
+    // Three query heads cannot share two KV heads.
+    assert!(matches!(decode_attention(&q, &[kv, kv], d, 1.0, &mut out), Err(Error::BadGqa { .. })));
+    assert!(matches!(decode_attention(&q, &[kv], d, 1.0, &mut out[..5]), Err(Error::ShapeMismatch { .. })));
+    // Keys and values of different lengths.
+    let short = HeadKv { tail_v: &h.tail_v[..d], ..kv };
+    assert!(matches!(decode_attention(&q, &[short], d, 1.0, &mut out), Err(Error::KvLengthMismatch { .. })));
+    assert!(matches!(decode_attention_ref(&q, &[short], d, 1.0, &mut out), Err(Error::KvLengthMismatch { .. })));
+    let empty = HeadKv::exact(&[], &[]);
+    assert!(matches!(decode_attention_serial(&q, &[empty], d, 1.0, &mut out), Err(Error::EmptyContext)));
+    let ragged = HeadKv { tail_k: &h.tail_k[..d + 1], ..kv };
+    assert!(matches!(decode_attention(&q, &[ragged], d, 1.0, &mut out), Err(Error::ShapeMismatch { .. })));
+    assert!(decode_attention(&q, &[kv], d, 1.0, &mut out).is_ok());
+    assert!(out.iter().all(|x| x.is_finite()));
+}

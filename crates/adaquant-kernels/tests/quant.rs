@@ -1,0 +1,250 @@
+//! Quantization: error bounds, exact constant groups, RMSE per width, streaming, byte accounting, errors,
+//! and the fast path against the reference at every SIMD level.
+
+mod common;
+
+use std::sync::Mutex;
+
+use adaquant_kernels::quant::{dequantize, dequantize_ref, quantize, quantize_ref, PackedStream};
+use adaquant_kernels::simd::{detected, set_simd_override, SimdLevel};
+use adaquant_kernels::{Bits, Error, GroupAxis, MetaDtype, QuantSpec, ZeroPoint};
+
+/// Tests that change the process-wide SIMD override hold this lock.
+static SIMD: Mutex<()> = Mutex::new(());
+
+fn spec(bits: Bits, group: usize, axis: GroupAxis, meta: MetaDtype) -> QuantSpec {
+    QuantSpec { meta, ..QuantSpec::new(bits, group, axis) }
+}
+
+/// Every (axis, group, head_dim, tokens) combination the tests sweep; per-channel token counts are whole blocks.
+fn shapes() -> Vec<(GroupAxis, usize, usize, usize)> {
+    let mut v = Vec::new();
+    for (group, d) in [(64, 64), (32, 128), (8, 24), (64, 128)] {
+        for tokens in [1, 7, 54] {
+            v.push((GroupAxis::PerToken, group, d, tokens));
+        }
+        for blocks in [1, 3] {
+            v.push((GroupAxis::PerChannel, group, d, group * blocks));
+        }
+    }
+    v
+}
+
+/// Scale and minimum of the group holding element (t, c).
+fn group_of(view: &adaquant_kernels::PackedView<'_>, t: usize, c: usize) -> (f32, f32) {
+    let (d, g) = (view.head_dim, view.spec.group);
+    let i = match view.spec.axis {
+        GroupAxis::PerToken => t * (d / g) + c / g,
+        GroupAxis::PerChannel => (t / g) * d + c,
+    };
+    (view.scales.get(i), view.mins.get(i))
+}
+
+#[test]
+fn every_element_within_half_a_step() {
+    let mut rng = common::rng(10);
+    for bits in Bits::ALL {
+        for meta in [MetaDtype::F32, MetaDtype::F16] {
+            for (axis, group, d, tokens) in shapes() {
+                let x = common::keys_with_outliers(&mut rng, tokens, d);
+                let s = quantize(&spec(bits, group, axis, meta), d, &x).unwrap();
+                let view = s.view();
+                let mut y = vec![0f32; x.len()];
+                dequantize(&view, &mut y).unwrap();
+                for t in 0..tokens {
+                    for c in 0..d {
+                        let (sc, mn) = group_of(&view, t, c);
+                        let (xi, yi) = (x[t * d + c], y[t * d + c]);
+                        // f16 metadata rounds the minimum and the scale (relative 2^-11); allow for it.
+                        let slack = match meta {
+                            MetaDtype::F32 => 1e-6 * (1.0 + xi.abs()),
+                            _ => 1e-3 * (mn.abs() + sc * bits.max_code() as f32) + 1e-6,
+                        };
+                        assert!(
+                            (xi - yi).abs() <= sc / 2.0 * (1.0 + 1e-5) + slack,
+                            "{bits} {meta:?} {axis} g={group} d={d}: x={xi} y={yi} scale={sc}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn constant_groups_are_exact() {
+    for bits in Bits::ALL {
+        for axis in [GroupAxis::PerToken, GroupAxis::PerChannel] {
+            // 0.375 and -2.5 are exact in f16 too; 0.1 only in f32 metadata.
+            for (value, meta) in [(0.375f32, MetaDtype::F16), (-2.5, MetaDtype::F16), (0.1, MetaDtype::F32)] {
+                let (d, tokens) = (64, 32);
+                let x = vec![value; tokens * d];
+                let s = quantize(&spec(bits, 32, axis, meta), d, &x).unwrap();
+                let mut y = vec![0f32; x.len()];
+                dequantize(&s.view(), &mut y).unwrap();
+                assert!(y.iter().all(|&v| v == value), "{bits} {axis} {value}");
+            }
+        }
+    }
+}
+
+#[test]
+fn rmse_within_per_width_limits() {
+    // Uniform rounding error of a step s has RMS s / sqrt(12); a group of 64 N(0, 1) samples spans about 5, so the
+    // expected RMSE is about 1.44 / (levels - 1). The limits sit about 10% above that. One bit is the exception:
+    // min-max puts its two levels at the extremes, so most samples land far from both (measured about 1.66).
+    let limits = [
+        (Bits::B1, 1.8),
+        (Bits::B1_58, 0.75),
+        (Bits::B2, 0.5),
+        (Bits::B3, 0.22),
+        (Bits::B4, 0.105),
+        (Bits::B5, 0.052),
+        (Bits::B6, 0.026),
+        (Bits::B8, 0.0065),
+    ];
+    let mut rng = common::rng(11);
+    let (d, tokens) = (128, 256);
+    let x = common::gaussian(&mut rng, tokens * d, 1.0);
+    for (bits, limit) in limits {
+        for axis in [GroupAxis::PerToken, GroupAxis::PerChannel] {
+            let s = quantize(&QuantSpec::new(bits, 64, axis), d, &x).unwrap();
+            let mut y = vec![0f32; x.len()];
+            dequantize(&s.view(), &mut y).unwrap();
+            let rmse = (x.iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / x.len() as f64).sqrt();
+            assert!(rmse < limit, "{bits} {axis}: rmse {rmse} >= {limit}");
+            assert!(rmse > limit / 3.0, "{bits} {axis}: rmse {rmse} suspiciously small");
+        }
+    }
+}
+
+#[test]
+fn fast_equals_reference_at_every_simd_level() {
+    let _lock = SIMD.lock().unwrap();
+    let mut rng = common::rng(12);
+    let levels: Vec<SimdLevel> =
+        [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512].into_iter().filter(|&l| l <= detected()).collect();
+    for bits in Bits::ALL {
+        for meta in [MetaDtype::F16, MetaDtype::F32] {
+            for (axis, group, d, tokens) in shapes() {
+                let x = common::keys_with_outliers(&mut rng, tokens, d);
+                let sp = spec(bits, group, axis, meta);
+                let r = quantize_ref(&sp, d, &x).unwrap();
+                let mut yr = vec![0f32; x.len()];
+                dequantize_ref(&r.view(), &mut yr).unwrap();
+                for &level in &levels {
+                    set_simd_override(Some(level));
+                    let f = quantize(&sp, d, &x).unwrap();
+                    assert_eq!(f, r, "{bits} {meta:?} {axis} g={group} d={d} t={tokens} {level:?}");
+                    let mut yf = vec![0f32; x.len()];
+                    dequantize(&r.view(), &mut yf).unwrap();
+                    assert_eq!(yf, yr, "dequantize {bits} {axis} {level:?}");
+                }
+                set_simd_override(None);
+            }
+        }
+    }
+}
+
+#[test]
+fn streaming_pushes_equal_one_push_and_bytes_match() {
+    let mut rng = common::rng(13);
+    for bits in Bits::ALL {
+        for (axis, group, d) in [(GroupAxis::PerToken, 32, 96), (GroupAxis::PerChannel, 16, 64)] {
+            let sp = QuantSpec::new(bits, group, axis);
+            let tokens = 5 * group;
+            let x = common::gaussian(&mut rng, tokens * d, 1.5);
+            let whole = quantize(&sp, d, &x).unwrap();
+            let mut streamed = PackedStream::new(sp, d).unwrap();
+            let step = if axis == GroupAxis::PerToken { 1 } else { group };
+            for (i, chunk) in x.chunks(step * d).enumerate() {
+                if i % 2 == 0 {
+                    streamed.push(chunk).unwrap();
+                } else {
+                    streamed.push_ref(chunk).unwrap();
+                }
+                let t = streamed.tokens();
+                assert_eq!(streamed.bytes(), sp.bytes(t, 1, d), "{bits} {axis} t={t}");
+                assert_eq!(streamed.bytes(), streamed.view().bytes());
+                assert_eq!(
+                    streamed.code_bytes() + streamed.meta_bytes(),
+                    bits.packed_bytes(t * d) + 2 * sp.meta.bytes() * sp.n_groups(t, d)
+                );
+            }
+            assert_eq!(streamed, whole, "{bits} {axis}");
+            // A prefix view dequantizes to the prefix of the whole.
+            let mut all = vec![0f32; x.len()];
+            dequantize(&whole.view(), &mut all).unwrap();
+            let pre = whole.view().prefix(2 * group);
+            let mut part = vec![0f32; 2 * group * d];
+            dequantize(&pre, &mut part).unwrap();
+            assert_eq!(part, &all[..part.len()]);
+        }
+    }
+}
+
+#[test]
+fn non_finite_input_is_an_error_and_leaves_the_stream_unchanged() {
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for axis in [GroupAxis::PerToken, GroupAxis::PerChannel] {
+            let sp = QuantSpec::new(Bits::B4, 8, axis);
+            let mut s = quantize(&sp, 16, &vec![0.5; 8 * 16]).unwrap();
+            let before = s.clone();
+            let mut x = vec![1.0f32; 8 * 16];
+            x[37] = bad;
+            match s.push(&x) {
+                Err(Error::NonFinite { index: 37, .. }) => {}
+                other => panic!("expected NonFinite at 37, got {other:?}"),
+            }
+            assert!(matches!(s.push_ref(&x), Err(Error::NonFinite { index: 37, .. })));
+            assert_eq!(s, before);
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_and_ranges_are_typed_errors() {
+    let pc = QuantSpec::new(Bits::B2, 32, GroupAxis::PerChannel);
+    let mut s = PackedStream::new(pc, 64).unwrap();
+    assert!(matches!(s.push(&vec![0.0; 31 * 64]), Err(Error::GroupDoesNotDivide { .. })));
+    assert!(matches!(s.push(&[0.0; 65]), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(
+        PackedStream::new(QuantSpec::new(Bits::B2, 48, GroupAxis::PerToken), 64),
+        Err(Error::GroupDoesNotDivide { .. })
+    ));
+    assert!(matches!(PackedStream::new(QuantSpec::new(Bits::B2, 0, GroupAxis::PerToken), 64), Err(Error::ZeroGroup)));
+    // A range beyond f16 is refused with f16 metadata and accepted with f32 metadata.
+    let big: Vec<f32> = (0..64).map(|i| if i == 0 { -1e5 } else { 1e5 }).collect();
+    let tok = QuantSpec::new(Bits::B1, 64, GroupAxis::PerToken);
+    assert!(matches!(quantize(&tok, 64, &big), Err(Error::MetaOverflow { .. })));
+    assert!(quantize(&QuantSpec { meta: MetaDtype::F32, ..tok }, 64, &big).is_ok());
+    // A view whose metadata is short is refused.
+    let ok = quantize(&QuantSpec::new(Bits::B4, 32, GroupAxis::PerToken), 64, &[0.25; 128]).unwrap();
+    let mut view = ok.view();
+    view.scales = view.scales.slice(0, 1);
+    let mut y = vec![0f32; 128];
+    assert!(matches!(dequantize(&view, &mut y), Err(Error::BadView { .. })));
+    assert!(matches!(dequantize(&ok.view(), &mut y[..5]), Err(Error::ShapeMismatch { .. })));
+    assert!(ok.view().try_prefix(3).is_err());
+}
+
+#[test]
+fn hqq_zero_point_does_not_worsen_mean_abs_error() {
+    let mut rng = common::rng(14);
+    let d = 64;
+    let x = common::keys_with_outliers(&mut rng, 64, d);
+    for bits in [Bits::B2, Bits::B3, Bits::B4] {
+        let base = QuantSpec { meta: MetaDtype::F32, ..QuantSpec::new(bits, 64, GroupAxis::PerToken) };
+        let hqq = QuantSpec { zero: ZeroPoint::Hqq { iters: 20, p: 0.7, beta: 10.0, kappa: 1.01 }, ..base };
+        let mae = |sp: &QuantSpec| {
+            let s = quantize(sp, d, &x).unwrap();
+            let r = quantize_ref(sp, d, &x).unwrap();
+            assert_eq!(s, r);
+            let mut y = vec![0f32; x.len()];
+            dequantize(&s.view(), &mut y).unwrap();
+            x.iter().zip(&y).map(|(a, b)| (a - b).abs() as f64).sum::<f64>() / x.len() as f64
+        };
+        let (a, b) = (mae(&base), mae(&hqq));
+        assert!(b <= a * (1.0 + 1e-6), "{bits}: hqq {b} > min-max {a}");
+    }
+}

@@ -1,0 +1,513 @@
+//! The Llama-family forward pass: RMSNorm, RoPE, grouped-query attention through a [`KvCache`], SwiGLU.
+//!
+//! Weights are held dequantized to f32, row-major `[out][in]`. Query and key rows are kept in the Hugging Face
+//! order, where RoPE rotates the two halves of each head (`x[i]`, `x[i + head_dim/2]`): GGUF files of the `llama`
+//! architecture store them permuted so that RoPE rotates adjacent pairs (`x[2i]`, `x[2i + 1]`), and the loader
+//! undoes that permutation. So keys, queries and hook taps have the same channel order whichever file a model
+//! came from.
+
+use std::ops::Range;
+use std::path::Path;
+
+use adaquant_cache::{CacheShape, KvCache};
+use rayon::prelude::*;
+
+use crate::config::{Arch, ModelConfig};
+use crate::gguf::GgufFile;
+use crate::linalg::{matmul_t, rms_norm, swiglu};
+use crate::tokenizer::Tokenizer;
+use crate::{ModelError, Result};
+
+/// One decoder layer's weights, f32 row-major `[out][in]`.
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    /// `[n_q_heads * head_dim][hidden]`, rows of each head in the half-rotation (Hugging Face) order.
+    pub wq: Vec<f32>,
+    /// `[n_kv_heads * head_dim][hidden]`, same row order as `wq`.
+    pub wk: Vec<f32>,
+    pub wv: Vec<f32>,
+    /// `[hidden][n_q_heads * head_dim]`.
+    pub wo: Vec<f32>,
+    pub bq: Option<Vec<f32>>,
+    pub bk: Option<Vec<f32>>,
+    pub bv: Option<Vec<f32>>,
+    pub ffn_norm: Vec<f32>,
+    /// `[ffn][hidden]`.
+    pub w_gate: Vec<f32>,
+    /// `[ffn][hidden]`.
+    pub w_up: Vec<f32>,
+    /// `[hidden][ffn]`.
+    pub w_down: Vec<f32>,
+}
+
+/// All weights of a model.
+#[derive(Clone, Debug)]
+pub struct Weights {
+    /// `[vocab][hidden]`.
+    pub tok_embd: Vec<f32>,
+    pub layers: Vec<LayerWeights>,
+    pub out_norm: Vec<f32>,
+    /// `[vocab][hidden]`; `None` when the head is tied to `tok_embd`.
+    pub output: Option<Vec<f32>>,
+}
+
+/// Borrowed attention weights of one layer, for analysis (norms and spectra of W_Q, W_K, W_V, W_O).
+#[derive(Clone, Copy, Debug)]
+pub struct LayerWeightsView<'a> {
+    /// `[n_q_heads * head_dim][hidden]`.
+    pub wq: &'a [f32],
+    /// `[n_kv_heads * head_dim][hidden]`.
+    pub wk: &'a [f32],
+    /// `[n_kv_heads * head_dim][hidden]`.
+    pub wv: &'a [f32],
+    /// `[hidden][n_q_heads * head_dim]`.
+    pub wo: &'a [f32],
+    pub bq: Option<&'a [f32]>,
+    pub bk: Option<&'a [f32]>,
+    pub bv: Option<&'a [f32]>,
+    pub hidden: usize,
+    pub n_q_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Which positions of a forward call get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogitsRange {
+    /// Every token of the call.
+    All,
+    /// Only the last token (generation).
+    #[default]
+    Last,
+    /// Tokens `i..` of the call (perplexity scores the second half of a window).
+    From(usize),
+    /// No logits (when only hooks matter); skips the output head.
+    None,
+}
+
+/// What one layer computed for the tokens of a forward call, handed to a [`LayerHook`].
+///
+/// Layouts are token-major: `k_pre_rope`, `k` and `v` are `[n][n_kv_heads][head_dim]`, `q` and `attn_out`
+/// are `[n][n_q_heads][head_dim]`. Channels follow the half-rotation (Hugging Face) order.
+#[derive(Debug)]
+pub struct LayerTaps<'a> {
+    /// Absolute positions of the tokens (`start..start + n`).
+    pub positions: Range<usize>,
+    pub k_pre_rope: &'a [f32],
+    /// Keys after RoPE, as appended to the cache.
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    /// Queries after RoPE.
+    pub q: &'a [f32],
+    /// Attention outputs (before the output projection).
+    pub attn_out: &'a [f32],
+}
+
+/// Receives every layer's taps during a forward pass.
+pub trait LayerHook {
+    fn on_layer(&mut self, layer: usize, taps: &LayerTaps<'_>);
+}
+
+/// Options of [`Model::forward`].
+#[derive(Default)]
+pub struct ForwardOptions<'a> {
+    pub logits: LogitsRange,
+    pub hook: Option<&'a mut dyn LayerHook>,
+}
+
+impl<'a> ForwardOptions<'a> {
+    /// Logits for `range`, no hook.
+    pub fn new(logits: LogitsRange) -> Self {
+        ForwardOptions { logits, hook: None }
+    }
+
+    /// Logits for `range`, with a hook.
+    pub fn with_hook(logits: LogitsRange, hook: &'a mut dyn LayerHook) -> Self {
+        ForwardOptions { logits, hook: Some(hook) }
+    }
+}
+
+/// Output logits: `rows` rows of `vocab` values, the first for token `first_pos` of the forward call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Logits {
+    pub vocab: usize,
+    /// Index within the call's tokens of the first row.
+    pub first_pos: usize,
+    /// `[rows][vocab]`.
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.data.len().checked_div(self.vocab).unwrap_or(0)
+    }
+
+    /// Row `i` (0-based within the rows held, i.e. token `first_pos + i` of the call).
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+
+    /// The largest logit's token id of row `i`.
+    pub fn argmax(&self, i: usize) -> u32 {
+        let r = self.row(i);
+        let mut best = 0;
+        for (j, &v) in r.iter().enumerate() {
+            if v > r[best] {
+                best = j;
+            }
+        }
+        best as u32
+    }
+
+    /// `-log softmax(row i)[target]`, in f64.
+    pub fn nll(&self, i: usize, target: u32) -> f64 {
+        let r = self.row(i);
+        let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = r.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+        lse - r[target as usize] as f64
+    }
+}
+
+/// A loaded model: configuration, f32 weights and tokenizer.
+pub struct Model {
+    pub config: ModelConfig,
+    weights: Weights,
+    tokenizer: Tokenizer,
+    /// `1 / theta^(2i / head_dim)` for `i < head_dim / 2`, in f64.
+    inv_freq: Vec<f64>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// Undoes the GGUF converter's Q/K row permutation within each head: GGUF row `2b + a` is Hugging Face row
+/// `a * head_dim / 2 + b`. `w` holds `rows = n_heads * head_dim` rows of `cols` values.
+pub fn unpermute_rope_rows(w: &[f32], n_heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0.0f32; w.len()];
+    for h in 0..n_heads {
+        for b in 0..half {
+            for a in 0..2 {
+                let src = (h * head_dim + 2 * b + a) * cols;
+                let dst = (h * head_dim + a * half + b) * cols;
+                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`unpermute_rope_rows`]: Hugging Face order to GGUF's adjacent-pair order.
+pub fn permute_rope_rows(w: &[f32], n_heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0.0f32; w.len()];
+    for h in 0..n_heads {
+        for b in 0..half {
+            for a in 0..2 {
+                let dst = (h * head_dim + 2 * b + a) * cols;
+                let src = (h * head_dim + a * half + b) * cols;
+                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+fn expect_len(name: &str, v: Vec<f32>, shape: &[usize], expected: &[usize]) -> Result<Vec<f32>> {
+    if shape != expected {
+        return Err(ModelError::TensorShape { name: name.to_string(), expected: expected.to_vec(), got: shape.to_vec() });
+    }
+    Ok(v)
+}
+
+impl Model {
+    /// Loads a `.gguf` file, or a Hugging Face folder (`config.json`, `*.safetensors`, `tokenizer.json`).
+    pub fn load(path: &Path) -> Result<Model> {
+        if path.is_dir() {
+            crate::hf::load_hf_dir(path)
+        } else {
+            Self::load_gguf(path)
+        }
+    }
+
+    /// Loads a GGUF file.
+    pub fn load_gguf(path: &Path) -> Result<Model> {
+        let file = GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(&file.header)?;
+        let tokenizer = Tokenizer::from_gguf(&file.header)?;
+        // llama.cpp stores Q/K of the `llama` architecture permuted for adjacent-pair RoPE; qwen2 uses NeoX
+        // (half) rotation and is stored unpermuted.
+        let permuted = matches!(config.arch, Arch::Llama | Arch::Mistral);
+        let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let (v, t) = file.dequantize(name)?;
+            expect_len(name, v, &t.shape(), shape)
+        };
+        let c = &config;
+        let (h, q, kv) = (c.hidden, c.n_q_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let layers = (0..c.n_layers)
+            .into_par_iter()
+            .map(|i| -> Result<LayerWeights> {
+                let p = |s: &str| format!("blk.{i}.{s}");
+                let mut wq = get(&p("attn_q.weight"), &[q, h])?;
+                let mut wk = get(&p("attn_k.weight"), &[kv, h])?;
+                let bias = |s: &str, n: usize| -> Result<Option<Vec<f32>>> {
+                    if c.qkv_bias {
+                        get(&p(s), &[n]).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                };
+                let mut bq = bias("attn_q.bias", q)?;
+                let mut bk = bias("attn_k.bias", kv)?;
+                if permuted {
+                    wq = unpermute_rope_rows(&wq, c.n_q_heads, c.head_dim, h);
+                    wk = unpermute_rope_rows(&wk, c.n_kv_heads, c.head_dim, h);
+                    bq = bq.map(|b| unpermute_rope_rows(&b, c.n_q_heads, c.head_dim, 1));
+                    bk = bk.map(|b| unpermute_rope_rows(&b, c.n_kv_heads, c.head_dim, 1));
+                }
+                Ok(LayerWeights {
+                    attn_norm: get(&p("attn_norm.weight"), &[h])?,
+                    wq,
+                    wk,
+                    wv: get(&p("attn_v.weight"), &[kv, h])?,
+                    wo: get(&p("attn_output.weight"), &[h, q])?,
+                    bq,
+                    bk,
+                    bv: bias("attn_v.bias", kv)?,
+                    ffn_norm: get(&p("ffn_norm.weight"), &[h])?,
+                    w_gate: get(&p("ffn_gate.weight"), &[c.ffn, h])?,
+                    w_up: get(&p("ffn_up.weight"), &[c.ffn, h])?,
+                    w_down: get(&p("ffn_down.weight"), &[h, c.ffn])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let weights = Weights {
+            tok_embd: get("token_embd.weight", &[c.vocab, h])?,
+            layers,
+            out_norm: get("output_norm.weight", &[h])?,
+            output: if c.tied_embeddings { None } else { Some(get("output.weight", &[c.vocab, h])?) },
+        };
+        Model::from_parts(config, weights, tokenizer)
+    }
+
+    /// A model from its parts; checks every weight's length against the configuration.
+    pub fn from_parts(config: ModelConfig, weights: Weights, tokenizer: Tokenizer) -> Result<Model> {
+        config.validate()?;
+        let c = &config;
+        let (h, q, kv) = (c.hidden, c.n_q_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let check = |name: String, got: usize, want: usize| -> Result<()> {
+            if got == want {
+                Ok(())
+            } else {
+                Err(ModelError::TensorShape { name, expected: vec![want], got: vec![got] })
+            }
+        };
+        if weights.layers.len() != c.n_layers {
+            return Err(ModelError::InvalidConfig(format!(
+                "{} layers of weights for a {}-layer configuration",
+                weights.layers.len(),
+                c.n_layers
+            )));
+        }
+        check("tok_embd".into(), weights.tok_embd.len(), c.vocab * h)?;
+        check("out_norm".into(), weights.out_norm.len(), h)?;
+        if let Some(o) = &weights.output {
+            check("output".into(), o.len(), c.vocab * h)?;
+        }
+        for (i, l) in weights.layers.iter().enumerate() {
+            let n = |s: &str| format!("layer {i} {s}");
+            check(n("attn_norm"), l.attn_norm.len(), h)?;
+            check(n("wq"), l.wq.len(), q * h)?;
+            check(n("wk"), l.wk.len(), kv * h)?;
+            check(n("wv"), l.wv.len(), kv * h)?;
+            check(n("wo"), l.wo.len(), h * q)?;
+            for (s, b, want) in [("bq", &l.bq, q), ("bk", &l.bk, kv), ("bv", &l.bv, kv)] {
+                match b {
+                    Some(b) => check(n(s), b.len(), want)?,
+                    None if c.qkv_bias => return Err(ModelError::MissingTensor(n(s))),
+                    None => {}
+                }
+            }
+            check(n("ffn_norm"), l.ffn_norm.len(), h)?;
+            check(n("w_gate"), l.w_gate.len(), c.ffn * h)?;
+            check(n("w_up"), l.w_up.len(), c.ffn * h)?;
+            check(n("w_down"), l.w_down.len(), h * c.ffn)?;
+        }
+        let half = c.head_dim / 2;
+        let inv_freq =
+            (0..half).map(|i| 1.0 / (c.rope_theta as f64).powf(2.0 * i as f64 / c.head_dim as f64)).collect();
+        Ok(Model { config, weights, tokenizer, inv_freq })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// All weights.
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// The cache shape of this model for contexts of up to `max_seq_len` tokens.
+    pub fn cache_shape(&self, max_seq_len: usize) -> CacheShape {
+        let c = &self.config;
+        CacheShape::new(c.n_layers, c.n_q_heads, c.n_kv_heads, c.head_dim, max_seq_len)
+    }
+
+    /// Attention weights of `layer` (see [`LayerWeightsView`]); panics if `layer >= n_layers`.
+    pub fn layer_weights(&self, layer: usize) -> LayerWeightsView<'_> {
+        let l = &self.weights.layers[layer];
+        let c = &self.config;
+        LayerWeightsView {
+            wq: &l.wq,
+            wk: &l.wk,
+            wv: &l.wv,
+            wo: &l.wo,
+            bq: l.bq.as_deref(),
+            bk: l.bk.as_deref(),
+            bv: l.bv.as_deref(),
+            hidden: c.hidden,
+            n_q_heads: c.n_q_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    /// Rotates each `head_dim`-long head of `x` (`[n][heads][head_dim]`) by its token's position, halves convention.
+    fn rope(&self, x: &mut [f32], heads: usize, cos_sin: &[(f32, f32)]) {
+        let d = self.config.head_dim;
+        let half = d / 2;
+        x.par_chunks_mut(heads * d).enumerate().with_min_len(8).for_each(|(i, tok)| {
+            let cs = &cos_sin[i * half..(i + 1) * half];
+            for head in tok.chunks_exact_mut(d) {
+                let (a, b) = head.split_at_mut(half);
+                for ((x1, x2), &(c, s)) in a.iter_mut().zip(b.iter_mut()).zip(cs) {
+                    let (u, v) = (*x1, *x2);
+                    *x1 = u * c - v * s;
+                    *x2 = v * c + u * s;
+                }
+            }
+        });
+    }
+
+    /// Runs `tokens` through the model, appending their keys and values to `cache` (which must be at the same
+    /// length in every layer) and returning the logits `opts.logits` asks for.
+    pub fn forward(&self, tokens: &[u32], cache: &mut dyn KvCache, opts: &mut ForwardOptions<'_>) -> Result<Logits> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(ModelError::InvalidInput("forward needs at least one token".into()));
+        }
+        if let Some((pos, &id)) = tokens.iter().enumerate().find(|(_, &id)| id as usize >= c.vocab) {
+            return Err(ModelError::TokenOutOfRange { id, pos, vocab: c.vocab });
+        }
+        let shape = cache.shape();
+        if shape.n_layers != c.n_layers
+            || shape.n_q_heads != c.n_q_heads
+            || shape.n_kv_heads != c.n_kv_heads
+            || shape.head_dim != c.head_dim
+        {
+            return Err(ModelError::InvalidInput(format!(
+                "cache shape {shape:?} does not match the model; build it with Model::cache_shape"
+            )));
+        }
+        let start = cache.seq_len(0);
+        if let Some(l) = (1..c.n_layers).find(|&l| cache.seq_len(l) != start) {
+            return Err(ModelError::InvalidInput(format!(
+                "cache layers disagree on length (layer 0 holds {start} tokens, layer {l} holds {})",
+                cache.seq_len(l)
+            )));
+        }
+        if start + n > shape.max_seq_len {
+            return Err(ModelError::InvalidInput(format!(
+                "{n} tokens after {start} cached ones exceed the cache's maximum of {}",
+                shape.max_seq_len
+            )));
+        }
+        let rows = match opts.logits {
+            LogitsRange::All => 0..n,
+            LogitsRange::Last => n - 1..n,
+            LogitsRange::From(i) if i < n => i..n,
+            LogitsRange::From(i) => {
+                return Err(ModelError::InvalidInput(format!("logits from token {i} of a {n}-token call")))
+            }
+            LogitsRange::None => n..n,
+        };
+
+        let (h, qd, kvd) = (c.hidden, c.n_q_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let half = c.head_dim / 2;
+        let mut cos_sin = Vec::with_capacity(n * half);
+        for i in 0..n {
+            let p = (start + i) as f64;
+            cos_sin.extend(self.inv_freq.iter().map(|f| {
+                let (s, co) = (p * f).sin_cos();
+                (co as f32, s as f32)
+            }));
+        }
+
+        let mut x = vec![0.0f32; n * h];
+        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            row.copy_from_slice(&self.weights.tok_embd[t as usize * h..(t as usize + 1) * h]);
+        }
+        let mut xn = vec![0.0f32; n * h];
+        let mut q = vec![0.0f32; n * qd];
+        let mut k = vec![0.0f32; n * kvd];
+        let mut v = vec![0.0f32; n * kvd];
+        let mut k_pre = Vec::new();
+        let mut attn = vec![0.0f32; n * qd];
+        let mut proj = vec![0.0f32; n * h];
+        let mut gate = vec![0.0f32; n * c.ffn];
+        let mut up = vec![0.0f32; n * c.ffn];
+
+        for (li, l) in self.weights.layers.iter().enumerate() {
+            rms_norm(&x, &l.attn_norm, c.rms_eps, &mut xn);
+            matmul_t(&xn, n, h, &l.wq, qd, &mut q);
+            matmul_t(&xn, n, h, &l.wk, kvd, &mut k);
+            matmul_t(&xn, n, h, &l.wv, kvd, &mut v);
+            for (buf, b, width) in [(&mut q, &l.bq, qd), (&mut k, &l.bk, kvd), (&mut v, &l.bv, kvd)] {
+                if let Some(b) = b {
+                    for row in buf.chunks_exact_mut(width) {
+                        row.iter_mut().zip(b).for_each(|(x, &b)| *x += b);
+                    }
+                }
+            }
+            if opts.hook.is_some() {
+                k_pre.clone_from(&k);
+            }
+            self.rope(&mut q, c.n_q_heads, &cos_sin);
+            self.rope(&mut k, c.n_kv_heads, &cos_sin);
+            cache.append_attend(li, &q, &k, &v, &mut attn)?;
+            if let Some(hook) = opts.hook.as_deref_mut() {
+                let taps =
+                    LayerTaps { positions: start..start + n, k_pre_rope: &k_pre, k: &k, v: &v, q: &q, attn_out: &attn };
+                hook.on_layer(li, &taps);
+            }
+            matmul_t(&attn, n, qd, &l.wo, h, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+
+            rms_norm(&x, &l.ffn_norm, c.rms_eps, &mut xn);
+            matmul_t(&xn, n, h, &l.w_gate, c.ffn, &mut gate);
+            matmul_t(&xn, n, h, &l.w_up, c.ffn, &mut up);
+            swiglu(&mut gate, &up);
+            matmul_t(&gate, n, c.ffn, &l.w_down, h, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+        }
+
+        let nr = rows.len();
+        let mut data = vec![0.0f32; nr * c.vocab];
+        if nr > 0 {
+            let xr = &x[rows.start * h..rows.end * h];
+            let mut xo = vec![0.0f32; nr * h];
+            rms_norm(xr, &self.weights.out_norm, c.rms_eps, &mut xo);
+            let head = self.weights.output.as_deref().unwrap_or(&self.weights.tok_embd);
+            matmul_t(&xo, nr, h, head, c.vocab, &mut data);
+        }
+        Ok(Logits { vocab: c.vocab, first_pos: rows.start, data })
+    }
+}
