@@ -252,6 +252,46 @@ pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
+/// Dot product with eight independent accumulators, so the compiler can vectorize it.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Softmax weights of one query over keys `0..=p` of KV head `kh`, written into `w` (length `p + 1`).
+fn softmax_weights(qv: &[f32], k: &[f32], kh: usize, nkv: usize, hd: usize, scale: f32, w: &mut [f32]) {
+    let mut mx = f32::NEG_INFINITY;
+    for (s, sc) in w.iter_mut().enumerate() {
+        *sc = dot(qv, &k[(s * nkv + kh) * hd..][..hd]) * scale;
+        mx = mx.max(*sc);
+    }
+    let mut sum = 0.0f32;
+    for sc in w.iter_mut() {
+        *sc = (*sc - mx).exp();
+        sum += *sc;
+    }
+    let inv = 1.0 / sum;
+    w.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `out = sum_s w[s] * v[s]` over the value rows of KV head `kh`.
+fn weighted_values(w: &[f32], v: &[f32], kh: usize, nkv: usize, hd: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for (s, &ws) in w.iter().enumerate() {
+        for (a, b) in out.iter_mut().zip(&v[(s * nkv + kh) * hd..][..hd]) {
+            *a += ws * b;
+        }
+    }
+}
+
 /// Causal grouped-query attention outputs of selected query positions.
 ///
 /// `q` is `[tokens][n_q_heads][head_dim]`, `k` and `v` `[tokens][n_kv_heads][head_dim]` (keys after RoPE); query
@@ -262,35 +302,66 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], positions: &[usize], dims: &Di
     let per_kv = nq / nkv;
     let mut out = vec![0.0f32; positions.len() * nq * hd];
     out.par_chunks_mut(nq * hd).zip(positions).for_each(|(o, &p)| {
-        let mut scores = vec![0.0f32; p + 1];
+        let mut w = vec![0.0f32; p + 1];
         for h in 0..nq {
             let kh = h / per_kv;
-            let qv = &q[(p * nq + h) * hd..][..hd];
-            let mut mx = f32::NEG_INFINITY;
-            for (s, sc) in scores.iter_mut().enumerate() {
-                let kv = &k[(s * nkv + kh) * hd..][..hd];
-                let d: f32 = qv.iter().zip(kv).map(|(a, b)| a * b).sum();
-                *sc = d * scale;
-                mx = mx.max(*sc);
-            }
-            let mut sum = 0.0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - mx).exp();
-                sum += *sc;
-            }
-            let oh = &mut o[h * hd..][..hd];
-            oh.fill(0.0);
-            for (s, &w) in scores.iter().enumerate() {
-                let vv = &v[(s * nkv + kh) * hd..][..hd];
-                for (a, b) in oh.iter_mut().zip(vv) {
-                    *a += w * b;
-                }
-            }
-            let inv = 1.0 / sum;
-            oh.iter_mut().for_each(|a| *a *= inv);
+            softmax_weights(&q[(p * nq + h) * hd..][..hd], k, kh, nkv, hd, scale, &mut w);
+            weighted_values(&w, v, kh, nkv, hd, &mut o[h * hd..][..hd]);
         }
     });
     out
+}
+
+/// Relative attention-output errors `||O - O'||_F / ||O||_F` over the query `positions`, where `O'` uses the
+/// quantized keys `k_quant[j]` (with exact values) or the quantized values `v_quant[j]` (with exact keys).
+///
+/// Each query's exact softmax weights and output are computed once and reused: a value width costs one weighted
+/// sum, a key width one score pass and one weighted sum. [`attention`] plus [`relative_error`] is the reference.
+pub fn attention_errors(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    k_quant: &[Vec<f32>],
+    v_quant: &[Vec<f32>],
+    positions: &[usize],
+    dims: &Dims,
+    scale: f32,
+) -> (Vec<f64>, Vec<f64>) {
+    let (nq, nkv, hd) = (dims.n_q_heads, dims.n_kv_heads, dims.head_dim);
+    let per_kv = nq / nkv;
+    let (nk, nv) = (k_quant.len(), v_quant.len());
+    // Per position: [||O||^2, ||O - O_k[j]||^2 for each j, ||O - O_v[j]||^2 for each j].
+    let sums = positions
+        .par_iter()
+        .map(|&p| {
+            let mut acc = vec![0.0f64; 1 + nk + nv];
+            let mut w = vec![0.0f32; p + 1];
+            let mut wq = vec![0.0f32; p + 1];
+            let mut o = vec![0.0f32; hd];
+            let mut o2 = vec![0.0f32; hd];
+            let sq = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>();
+            for h in 0..nq {
+                let kh = h / per_kv;
+                let qv = &q[(p * nq + h) * hd..][..hd];
+                softmax_weights(qv, k, kh, nkv, hd, scale, &mut w);
+                weighted_values(&w, v, kh, nkv, hd, &mut o);
+                acc[0] += o.iter().map(|&x| (x as f64).powi(2)).sum::<f64>();
+                for (j, kq) in k_quant.iter().enumerate() {
+                    softmax_weights(qv, kq, kh, nkv, hd, scale, &mut wq);
+                    weighted_values(&wq, v, kh, nkv, hd, &mut o2);
+                    acc[1 + j] += sq(&o, &o2);
+                }
+                for (j, vq) in v_quant.iter().enumerate() {
+                    weighted_values(&w, vq, kh, nkv, hd, &mut o2);
+                    acc[1 + nk + j] += sq(&o, &o2);
+                }
+            }
+            acc
+        })
+        .reduce(|| vec![0.0f64; 1 + nk + nv], |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect());
+    let den = sums[0].sqrt();
+    let rel = |x: f64| if den > 0.0 { x.sqrt() / den } else { 0.0 };
+    (sums[1..1 + nk].iter().map(|&x| rel(x)).collect(), sums[1 + nk..].iter().map(|&x| rel(x)).collect())
 }
 
 /// Reference twin of [`attention`]: serial, f64 accumulation, explicit softmax.
@@ -430,27 +501,30 @@ pub fn activation_layer<Q: Quantizer + ?Sized>(
     let k_channels = activation_channels(k_an, t, nkv, hd);
     let v_channels = activation_channels(&a.v, t, nkv, hd);
 
-    let positions = if with_attn { query_positions(t, opts.attn_queries) } else { Vec::new() };
-    let exact = with_attn.then(|| attention(&a.q, &a.k, &a.v, &positions, dims, opts.softmax_scale));
-    let mut quant = Vec::with_capacity(opts.bits.len());
+    let mut k_quant = Vec::with_capacity(opts.bits.len());
+    let mut v_quant = Vec::with_capacity(opts.bits.len());
     for &bits in &opts.bits {
-        let kq = quantize_heads(quantizer, &a.k, t, nkv, hd, bits)?;
-        let vq = quantize_heads(quantizer, &a.v, t, nkv, hd, bits)?;
-        let (k_attn_rel, v_attn_rel) = match &exact {
-            Some(o) => {
-                let ok = attention(&a.q, &kq, &a.v, &positions, dims, opts.softmax_scale);
-                let ov = attention(&a.q, &a.k, &vq, &positions, dims, opts.softmax_scale);
-                (Some(relative_error(o, &ok)), Some(relative_error(o, &ov)))
-            }
-            None => (None, None),
-        };
-        quant.push(QuantError {
-            bits: bits.nominal(),
-            k_rel: relative_error(&a.k, &kq),
-            v_rel: relative_error(&a.v, &vq),
-            k_attn_rel,
-            v_attn_rel,
-        });
+        k_quant.push(quantize_heads(quantizer, &a.k, t, nkv, hd, bits)?);
+        v_quant.push(quantize_heads(quantizer, &a.v, t, nkv, hd, bits)?);
     }
+    let (k_attn, v_attn) = if with_attn {
+        let positions = query_positions(t, opts.attn_queries);
+        let (ka, va) = attention_errors(&a.q, &a.k, &a.v, &k_quant, &v_quant, &positions, dims, opts.softmax_scale);
+        (ka.into_iter().map(Some).collect(), va.into_iter().map(Some).collect())
+    } else {
+        (vec![None; opts.bits.len()], vec![None; opts.bits.len()])
+    };
+    let quant = opts
+        .bits
+        .iter()
+        .enumerate()
+        .map(|(j, bits)| QuantError {
+            bits: bits.nominal(),
+            k_rel: relative_error(&a.k, &k_quant[j]),
+            v_rel: relative_error(&a.v, &v_quant[j]),
+            k_attn_rel: k_attn[j],
+            v_attn_rel: v_attn[j],
+        })
+        .collect();
     Ok(ActivationLayer { k, v, k_channels, v_channels, quant })
 }

@@ -206,7 +206,13 @@ impl BitAllocation {
 impl BitBudget {
     /// A budget of `avg_bits` with the default widths, solver and cost.
     pub fn new(avg_bits: f64) -> BitBudget {
-        BitBudget { avg_bits, widths: default_widths(), solver: Solver::default(), cost: WidthCost::default(), metadata: None }
+        BitBudget {
+            avg_bits,
+            widths: default_widths(),
+            solver: Solver::default(),
+            cost: WidthCost::default(),
+            metadata: None,
+        }
     }
 
     /// Allocates one width per matrix.
@@ -394,6 +400,32 @@ pub struct GroupAllocation {
     pub v: Vec<usize>,
 }
 
+impl GroupAllocation {
+    /// Sets these group sizes on every quantized side of `config` (unquantized sides are left alone). Call
+    /// [`QuantCacheConfig::validate`] afterwards: per-token groups must divide head_dim.
+    pub fn apply(&self, config: &mut QuantCacheConfig) -> Result<()> {
+        if self.k.len() != config.layers.len() || self.v.len() != config.layers.len() {
+            return Err(CacheError::Field {
+                field: "layers".into(),
+                msg: format!(
+                    "{} group sizes for keys and {} for values but the config has {} layers",
+                    self.k.len(),
+                    self.v.len(),
+                    config.layers.len()
+                ),
+            });
+        }
+        for ((l, &gk), &gv) in config.layers.iter_mut().zip(&self.k).zip(&self.v) {
+            for (p, g) in [(&mut l.k, gk), (&mut l.v, gv)] {
+                if let Precision::Quant(s) = p {
+                    s.group = g;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl GroupBudget {
     /// Allocates one group size per matrix.
     pub fn solve(&self, sens: &Sensitivities) -> Result<GroupAllocation> {
@@ -462,11 +494,8 @@ pub fn allocate_groups(sens: &[f64], target_sum: f64, sizes: &[usize]) -> Result
             }
             // Error added per unit of sum removed (to minimize), or error removed per unit of sum added (to
             // maximize, so negated to minimize alike).
-            let score = if grow {
-                ci * (sz[nj] - sz[j]) as f64 / -delta
-            } else {
-                -(ci * (sz[j] - sz[nj]) as f64 / delta)
-            };
+            let score =
+                if grow { ci * (sz[nj] - sz[j]) as f64 / -delta } else { -(ci * (sz[j] - sz[nj]) as f64 / delta) };
             if best.is_none_or(|(b, _)| score < b) {
                 best = Some((score, i));
             }
@@ -584,7 +613,8 @@ mod tests {
         for case in 0..60 {
             let n = rng.random_range(1..=5);
             let sens: Vec<f64> = (0..n).map(|_| rng.random_range(0.0..10.0)).collect();
-            let widths: &[Bits] = if case % 2 == 0 { &DEFAULT_WIDTHS } else { &[Bits::B1, Bits::B2, Bits::B4, Bits::B8] };
+            let widths: &[Bits] =
+                if case % 2 == 0 { &DEFAULT_WIDTHS } else { &[Bits::B1, Bits::B2, Bits::B4, Bits::B8] };
             let total = n as f64 * rng.random_range(1.0..8.0);
             let opt = optimal_bits(&sens, total, widths, WidthCost::Nominal, false).unwrap();
             let bf = brute_force(&sens, total, widths);
@@ -662,7 +692,14 @@ mod tests {
                 for i in 0..flat_s.len() {
                     for j in 0..flat_s.len() {
                         if flat_s[i] > flat_s[j] {
-                            assert!(flat_b[i] >= flat_b[j], "{solver:?}: s {} -> {} but s {} -> {}", flat_s[i], flat_b[i], flat_s[j], flat_b[j]);
+                            assert!(
+                                flat_b[i] >= flat_b[j],
+                                "{solver:?}: s {} -> {} but s {} -> {}",
+                                flat_s[i],
+                                flat_b[i],
+                                flat_s[j],
+                                flat_b[j]
+                            );
                         }
                     }
                 }
@@ -749,5 +786,12 @@ mod tests {
         }
         let equal = GroupBudget::default().solve(&Sensitivities::new(vec![3.0; 4], vec![3.0; 4]).unwrap()).unwrap();
         assert!(equal.k.iter().chain(&equal.v).all(|&g| g == 64));
+        // Keys with larger norms get smaller groups; applied to a config they replace the uniform 64.
+        let budget = GroupBudget { avg_group: 64.0, sizes: vec![16, 32, 64, 128] };
+        let a = budget.solve(&Sensitivities::new(vec![40.0, 35.0], vec![2.0, 3.0]).unwrap()).unwrap();
+        let mut c = QuantCacheConfig::split(2, Bits::B4, Bits::B2);
+        a.apply(&mut c).unwrap();
+        assert!(c.layers.iter().all(|l| l.k.spec().unwrap().group < l.v.spec().unwrap().group), "{a:?}");
+        assert!(a.apply(&mut QuantCacheConfig::split(3, Bits::B4, Bits::B2)).is_err());
     }
 }

@@ -191,7 +191,8 @@ impl QuantCacheConfig {
             for (side, p) in [("k", &l.k), ("v", &l.v)] {
                 let Some(s) = p.spec() else { continue };
                 let field = format!("layers[{i}].{side}.group");
-                s.validate(shape.head_dim).map_err(|e| CacheError::Field { field: field.clone(), msg: e.to_string() })?;
+                s.validate(shape.head_dim)
+                    .map_err(|e| CacheError::Field { field: field.clone(), msg: e.to_string() })?;
                 if s.axis == GroupAxis::PerChannel && self.residual % s.group != 0 {
                     return Err(CacheError::Field {
                         field,
@@ -280,11 +281,9 @@ impl CacheSpec {
     pub fn quant_config(&self, n_layers: usize) -> Result<Option<QuantCacheConfig>> {
         Ok(match self {
             CacheSpec::FullF32 | CacheSpec::FullF16 => None,
-            CacheSpec::Uniform { layer, residual, sinks } => Some(QuantCacheConfig {
-                layers: vec![*layer; n_layers],
-                residual: *residual,
-                sinks: *sinks,
-            }),
+            CacheSpec::Uniform { layer, residual, sinks } => {
+                Some(QuantCacheConfig { layers: vec![*layer; n_layers], residual: *residual, sinks: *sinks })
+            }
             CacheSpec::Quant(c) => Some(c.clone()),
             CacheSpec::Kvq { kvq } => Some(crate::kvq::KvqConfig::from_value(kvq)?.to_config(n_layers, None)?),
         })
@@ -332,9 +331,9 @@ impl FromStr for CacheSpec {
         let bad = |msg: String| CacheError::Field { field: "cache".into(), msg };
         let mut parts = s.split(['-', '_', ' ']).filter(|p| !p.is_empty());
         let head = parts.next().unwrap_or_default();
-        let rest = head
-            .strip_prefix('k')
-            .ok_or_else(|| bad(format!("'{s}': expected f32, f16 or k<bits>v<bits>[-g<group>][-r<residual>][-s<sinks>][-kivi]")))?;
+        let rest = head.strip_prefix('k').ok_or_else(|| {
+            bad(format!("'{s}': expected f32, f16 or k<bits>v<bits>[-g<group>][-r<residual>][-s<sinks>][-kivi]"))
+        })?;
         let (kb, vb) = rest.split_once('v').ok_or_else(|| bad(format!("'{s}': missing v<bits>")))?;
         let width = |x: &str| -> Result<Option<Bits>> {
             let n: f64 = x.parse().map_err(|_| bad(format!("'{x}' is not a bit width")))?;

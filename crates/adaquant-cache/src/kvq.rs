@@ -118,9 +118,12 @@ where
 
 fn per_layer<T>(field: &str, v: &Value, one: &impl Fn(&str, &Value) -> Result<T>) -> Result<PerLayer<T>> {
     match v {
-        Value::Array(xs) => {
-            xs.iter().enumerate().map(|(i, x)| one(&format!("{field}[{i}]"), x)).collect::<Result<_>>().map(PerLayer::List)
-        }
+        Value::Array(xs) => xs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| one(&format!("{field}[{i}]"), x))
+            .collect::<Result<_>>()
+            .map(PerLayer::List),
         _ => one(field, v).map(PerLayer::All),
     }
 }
@@ -172,12 +175,12 @@ impl KvqConfig {
             return Err(field_err(k, format!("unknown field; known fields are {}", KNOWN.join(", "))));
         }
         let get = |k: &str| m.get(k).filter(|x| !x.is_null());
-        let nbits = get("nbits")
-            .map(|v| kv_pair("nbits", v, |f, x| per_layer(f, x, &width)))
-            .transpose()?;
+        let nbits = get("nbits").map(|v| kv_pair("nbits", v, |f, x| per_layer(f, x, &width))).transpose()?;
         let budget = get("budget").map(|v| number("budget", v)).transpose()?;
         match (&nbits, &budget) {
-            (Some(_), Some(_)) => return Err(field_err("budget", "give exactly one of `nbits` and `budget`, not both")),
+            (Some(_), Some(_)) => {
+                return Err(field_err("budget", "give exactly one of `nbits` and `budget`, not both"))
+            }
             (None, None) => return Err(field_err("nbits", "give exactly one of `nbits` and `budget`")),
             _ => {}
         }
@@ -196,9 +199,8 @@ impl KvqConfig {
         if bit_range.is_some() && budget.is_none() {
             return Err(field_err("bit_range", "only meaningful with `budget`"));
         }
-        let group_size = get("group_size")
-            .map(|v| kv_pair("group_size", v, |f, x| per_layer(f, x, &count)))
-            .transpose()?;
+        let group_size =
+            get("group_size").map(|v| kv_pair("group_size", v, |f, x| per_layer(f, x, &count))).transpose()?;
         let group_budget = get("group_budget").map(|v| number("group_budget", v)).transpose()?;
         if group_size.is_some() && group_budget.is_some() {
             return Err(field_err("group_budget", "give at most one of `group_size` and `group_budget`"));
@@ -235,8 +237,7 @@ impl KvqConfig {
                     let xs = m.get(k).and_then(Value::as_array).ok_or_else(|| field_err(&f, "expected a list"))?;
                     xs.iter().map(|x| number(&f, x)).collect()
                 };
-                Sensitivities::new(list("w_k")?, list("w_v")?)
-                    .map_err(|e| field_err("norms", e.to_string()))
+                Sensitivities::new(list("w_k")?, list("w_v")?).map_err(|e| field_err("norms", e.to_string()))
             })
             .transpose()?;
         Ok(KvqConfig { nbits, budget, bit_range, group_size, group_budget, group_range, residual, axis, sinks, norms })
@@ -351,7 +352,11 @@ mod tests {
         let bits: f64 = c.layers.iter().map(|l| l.k.nominal_bits() + l.v.nominal_bits()).sum();
         assert!((bits - 12.0).abs() < 1e-9);
         assert!(c.layers.iter().all(|l| l.k.nominal_bits() > l.v.nominal_bits()));
-        let groups: f64 = c.layers.iter().map(|l| 1.0 / l.k.spec().unwrap().group as f64 + 1.0 / l.v.spec().unwrap().group as f64).sum();
+        let groups: f64 = c
+            .layers
+            .iter()
+            .map(|l| 1.0 / l.k.spec().unwrap().group as f64 + 1.0 / l.v.spec().unwrap().group as f64)
+            .sum();
         assert!((groups - 4.0 / 64.0).abs() < 1e-9);
         let err = KvqConfig::from_json(r#"{"budget": 3}"#).unwrap().to_config(2, None);
         assert_eq!(field_of(err), "budget");
@@ -380,9 +385,8 @@ mod tests {
         }
         let err = KvqConfig::from_json(r#"{"nbits": {"k": [4, 4, 4], "v": 2}}"#).unwrap().to_config(2, None);
         assert_eq!(field_of(err), "nbits.k");
-        let err = KvqConfig::from_json(r#"{"budget": 0.5, "norms": {"w_k": [1], "w_v": [1]}}"#)
-            .unwrap()
-            .to_config(1, None);
+        let err =
+            KvqConfig::from_json(r#"{"budget": 0.5, "norms": {"w_k": [1], "w_v": [1]}}"#).unwrap().to_config(1, None);
         assert_eq!(field_of(err), "budget");
     }
 }

@@ -180,7 +180,8 @@ impl QuantizedCache {
         Some(match &l.store {
             LayerStore::Exact { k, v } => {
                 let src = if kv == Kv::K { k } else { v };
-                let tail = (0..l.tokens).flat_map(|t| &src[(t * h + head) * d..(t * h + head + 1) * d]).copied().collect();
+                let tail =
+                    (0..l.tokens).flat_map(|t| &src[(t * h + head) * d..(t * h + head + 1) * d]).copied().collect();
                 (Vec::new(), tail)
             }
             LayerStore::Mixed { k, v } => {
@@ -253,9 +254,10 @@ impl QuantizedCache {
                         decode_attention(q, &heads_at(0), d, scale, out)?;
                     } else {
                         let row = shape.q_row();
-                        q.par_chunks(row).zip(out.par_chunks_mut(row)).enumerate().try_for_each(|(i, (qi, oi))| {
-                            decode_attention_serial(qi, &heads_at(i), d, scale, oi)
-                        })?;
+                        q.par_chunks(row)
+                            .zip(out.par_chunks_mut(row))
+                            .enumerate()
+                            .try_for_each(|(i, (qi, oi))| decode_attention_serial(qi, &heads_at(i), d, scale, oi))?;
                     }
                 }
                 retire(kh, d, flush_k);
@@ -268,9 +270,9 @@ impl QuantizedCache {
     /// One side of one KV head as attention sees it now, `[tokens][head_dim]`: sinks, then the dequantized packed
     /// stream (reference dequantizer), then the tail.
     pub fn materialize(&self, layer: usize, kv: Kv, head: usize) -> Result<Vec<f32>> {
-        let (sink, tail) = self.exact_parts(layer, kv, head).ok_or_else(|| {
-            CacheError::InvalidConfig(format!("no layer {layer} / kv head {head} in this cache"))
-        })?;
+        let (sink, tail) = self
+            .exact_parts(layer, kv, head)
+            .ok_or_else(|| CacheError::InvalidConfig(format!("no layer {layer} / kv head {head} in this cache")))?;
         let mut out = sink;
         if let Some(view) = self.packed(layer, kv, head) {
             let start = out.len();

@@ -77,7 +77,8 @@ fn configs() -> Vec<QuantCacheConfig> {
     mixed.layers[2] = LayerPrecision::new(Precision::per_token(Bits::B6, 8), Precision::per_token(Bits::B1, 32));
     let mut f32_meta = QuantCacheConfig::kivi(3, Bits::B5, Bits::B3).with_residual(16);
     for l in &mut f32_meta.layers {
-        l.k = Precision::Quant(QuantSpec { meta: MetaDtype::F32, ..QuantSpec::new(Bits::B5, 16, GroupAxis::PerChannel) });
+        l.k =
+            Precision::Quant(QuantSpec { meta: MetaDtype::F32, ..QuantSpec::new(Bits::B5, 16, GroupAxis::PerChannel) });
     }
     vec![
         QuantCacheConfig::split(3, Bits::B4, Bits::B2).with_residual(13),
@@ -123,8 +124,7 @@ fn token_by_token_chunks_and_prefill_agree_exactly() {
             plans.iter().map(|_| QuantizedCache::new(shape.clone(), config.clone()).unwrap()).collect();
         for layer in 0..shape.n_layers {
             let s = seq(&shape, n, 1000 * ci as u64 + layer as u64);
-            let outs: Vec<Vec<f32>> =
-                caches.iter_mut().zip(&plans).map(|(c, p)| run(c, layer, &s, p)).collect();
+            let outs: Vec<Vec<f32>> = caches.iter_mut().zip(&plans).map(|(c, p)| run(c, layer, &s, p)).collect();
             for (pi, o) in outs.iter().enumerate().skip(1) {
                 let diff = o.iter().zip(&outs[0]).position(|(a, b)| a != b);
                 assert!(diff.is_none(), "config {ci} layer {layer} plan {pi}: first difference at {diff:?}");
@@ -175,7 +175,8 @@ fn every_value_is_quantized_once_from_the_original_input() {
                             assert_eq!(sink, head_rows(x, &shape, head, 0..ns));
                             assert_eq!(tail, head_rows(x, &shape, head, ns + nq..n));
                             assert_eq!(tail.len(), nt * shape.head_dim);
-                            let direct = quantize(spec, shape.head_dim, &head_rows(x, &shape, head, ns..ns + nq)).unwrap();
+                            let direct =
+                                quantize(spec, shape.head_dim, &head_rows(x, &shape, head, ns..ns + nq)).unwrap();
                             assert_eq!(cache.packed(layer, kv, head).unwrap(), direct.view(), "config {ci} {kv:?}");
                         }
                     }
@@ -198,7 +199,15 @@ fn window_lengths_follow_the_group_layout() {
     let (qr, kr) = (shape.q_row(), shape.kv_row());
     let mut out = vec![0.0; qr];
     for t in 0..200 {
-        cache.append_attend(0, &s.q[t * qr..(t + 1) * qr], &s.k[t * kr..(t + 1) * kr], &s.v[t * kr..(t + 1) * kr], &mut out).unwrap();
+        cache
+            .append_attend(
+                0,
+                &s.q[t * qr..(t + 1) * qr],
+                &s.k[t * kr..(t + 1) * kr],
+                &s.v[t * kr..(t + 1) * kr],
+                &mut out,
+            )
+            .unwrap();
         let held = t + 1;
         let (_, k_tail) = cache.exact_parts(0, Kv::K, 0).unwrap();
         let (_, v_tail) = cache.exact_parts(0, Kv::V, 0).unwrap();
@@ -228,8 +237,14 @@ fn attention_matches_the_kernels_reference_over_the_dequantized_cache() {
         let mut scratch = vec![0.0; qr];
         let mut worst = 0.0f32;
         for t in 0..n {
-            b.append_attend(layer, &s.q[t * qr..(t + 1) * qr], &s.k[t * kr..(t + 1) * kr], &s.v[t * kr..(t + 1) * kr], &mut scratch)
-                .unwrap();
+            b.append_attend(
+                layer,
+                &s.q[t * qr..(t + 1) * qr],
+                &s.k[t * kr..(t + 1) * kr],
+                &s.v[t * kr..(t + 1) * kr],
+                &mut scratch,
+            )
+            .unwrap();
             let ks: Vec<Vec<f32>> = (0..shape.n_kv_heads).map(|h| b.materialize(layer, Kv::K, h).unwrap()).collect();
             let vs: Vec<Vec<f32>> = (0..shape.n_kv_heads).map(|h| b.materialize(layer, Kv::V, h).unwrap()).collect();
             let heads: Vec<HeadKv<'_>> = ks.iter().zip(&vs).map(|(k, v)| HeadKv::exact(k, v)).collect();
@@ -293,15 +308,18 @@ fn k4v2_group64_f16_is_three_and_a_half_bits_plus_the_tail() {
         run(&mut cache, layer, &seq(&shape, n, layer as u64), &[300, 1, 851]);
     }
     let m = cache.memory();
-    let quant_bytes: usize = m.layers.iter().map(|l| l.k_code_bytes + l.k_meta_bytes + l.v_code_bytes + l.v_meta_bytes).sum();
+    let quant_bytes: usize =
+        m.layers.iter().map(|l| l.k_code_bytes + l.k_meta_bytes + l.v_code_bytes + l.v_meta_bytes).sum();
     let quant_elements = 2 * 2 * (n - residual) * shape.kv_row();
     assert_eq!(8.0 * quant_bytes as f64 / quant_elements as f64, 3.5);
     let tail_bytes: usize = m.layers.iter().map(|l| l.k_full_bytes + l.v_full_bytes).sum();
     assert_eq!(tail_bytes, 2 * 2 * residual * shape.kv_row() * EXACT_BYTES);
-    let expected = (3.5 * quant_elements as f64 + 32.0 * (2 * 2 * residual * shape.kv_row()) as f64) / m.elements as f64;
+    let expected =
+        (3.5 * quant_elements as f64 + 32.0 * (2 * 2 * residual * shape.kv_row()) as f64) / m.elements as f64;
     assert!((m.bits_per_element() - expected).abs() < 1e-12);
     // With no window the whole cache is 3.5 bits per element.
-    let mut c = QuantizedCache::new(shape.clone(), QuantCacheConfig::split(2, Bits::B4, Bits::B2).with_residual(0)).unwrap();
+    let mut c =
+        QuantizedCache::new(shape.clone(), QuantCacheConfig::split(2, Bits::B4, Bits::B2).with_residual(0)).unwrap();
     run(&mut c, 0, &seq(&shape, 256, 1), &[256]);
     run(&mut c, 1, &seq(&shape, 256, 2), &[100, 156]);
     assert_eq!(c.memory().bits_per_element(), 3.5);
@@ -368,7 +386,11 @@ fn append_without_attention_stores_the_same_contents() {
 }
 
 fn s_prefix(s: &Seq, n: usize, shape: &CacheShape) -> Seq {
-    Seq { q: s.q[..n * shape.q_row()].to_vec(), k: s.k[..n * shape.kv_row()].to_vec(), v: s.v[..n * shape.kv_row()].to_vec() }
+    Seq {
+        q: s.q[..n * shape.q_row()].to_vec(),
+        k: s.k[..n * shape.kv_row()].to_vec(),
+        v: s.v[..n * shape.kv_row()].to_vec(),
+    }
 }
 
 #[test]
@@ -381,12 +403,18 @@ fn invalid_configurations_are_typed_errors() {
     // Group 64 does not divide head_dim 48.
     assert_eq!(field(QuantCacheConfig::split(2, Bits::B4, Bits::B2)), "layers[0].k.group");
     // A per-channel group of 32 tokens does not divide a window of 48.
-    let c = QuantCacheConfig::uniform(2, LayerPrecision::new(Precision::per_channel(Bits::B4, 32), Precision::per_token(Bits::B2, 16)))
-        .with_residual(48);
+    let c = QuantCacheConfig::uniform(
+        2,
+        LayerPrecision::new(Precision::per_channel(Bits::B4, 32), Precision::per_token(Bits::B2, 16)),
+    )
+    .with_residual(48);
     assert_eq!(field(c), "layers[0].k.group");
     assert_eq!(field(QuantCacheConfig::uniform(1, LayerPrecision::full())), "layers");
     // Unknown widths cannot be written down.
-    assert!(CacheSpec::from_json(r#"{"kind":"uniform","layer":{"k":{"quant":{"bits":7,"group":16,"axis":"per_token"}},"v":"full"}}"#).is_err());
+    assert!(CacheSpec::from_json(
+        r#"{"kind":"uniform","layer":{"k":{"quant":{"bits":7,"group":16,"axis":"per_token"}},"v":"full"}}"#
+    )
+    .is_err());
     assert!(matches!("k7v2".parse::<CacheSpec>(), Err(CacheError::Field { .. })));
 }
 
@@ -401,7 +429,8 @@ fn specs_build_every_cache() {
         "k16v16".parse().unwrap(),
         "k8v8-g32-r16".parse().unwrap(),
         "k4v2-kivi-g16-r16-s2".parse().unwrap(),
-        CacheSpec::from_json(r#"{"kind":"kvq","kvq":{"nbits":{"k":4,"v":2},"group_size":32,"residual_length":16}}"#).unwrap(),
+        CacheSpec::from_json(r#"{"kind":"kvq","kvq":{"nbits":{"k":4,"v":2},"group_size":32,"residual_length":16}}"#)
+            .unwrap(),
     ] {
         let mut c = spec.build(shape.clone()).unwrap();
         outs.push((c.describe(), run(c.as_mut(), 1, &s, &[20, 30]), c.memory().bits_per_element()));

@@ -188,7 +188,9 @@ pub fn passkey(
             for _ in 0..spec.trials {
                 let key = rng.range(10_000, 100_000) as u32;
                 let mut count = |s: &str| lm.encode(s, false).map(|t| t.len());
-                let p = passkey_prompt(len, depth, key, &mut count)?;
+                // Leave room for the generated tokens inside the model's context.
+                let target = len.min(lm.max_context().saturating_sub(16));
+                let p = passkey_prompt(target, depth, key, &mut count)?;
                 let prompt = lm.encode(&p.text, false)?;
                 let gen = greedy_generate(lm, cache, &prompt, 8)?;
                 let text = lm.decode(&gen)?;

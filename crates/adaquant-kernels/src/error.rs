@@ -39,9 +39,7 @@ pub enum Error {
     CodeOutOfRange { code: u8, index: usize, bits: Bits },
 
     /// Group metadata does not fit the chosen metadata type (for example a range above 65504 with f16 metadata).
-    #[error(
-        "group {what} {value} does not fit {dtype:?} metadata; use MetaDtype::F32 or rescale the input"
-    )]
+    #[error("group {what} {value} does not fit {dtype:?} metadata; use MetaDtype::F32 or rescale the input")]
     MetaOverflow { what: &'static str, value: f32, dtype: crate::format::MetaDtype },
 
     /// Attention over a context of zero tokens.
@@ -49,7 +47,9 @@ pub enum Error {
     EmptyContext,
 
     /// Keys and values of one KV head hold different numbers of tokens.
-    #[error("KV head {head}: keys hold {k_tokens} tokens but values hold {v_tokens}; both must cover the same positions")]
+    #[error(
+        "KV head {head}: keys hold {k_tokens} tokens but values hold {v_tokens}; both must cover the same positions"
+    )]
     KvLengthMismatch { head: usize, k_tokens: usize, v_tokens: usize },
 
     /// A packed view whose parts disagree with each other.

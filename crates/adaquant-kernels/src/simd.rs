@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 pub enum SimdLevel {
     /// Portable Rust, no target features beyond the build's.
     Scalar,
-    /// AVX2 with FMA (x86-64).
+    /// AVX2 with FMA and F16C (x86-64).
     Avx2,
     /// AVX-512 F/BW/VL with FMA (x86-64).
     Avx512,
@@ -53,7 +53,8 @@ pub fn detected() -> SimdLevel {
     *DETECTED.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let avx2 =
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
             let avx512 = avx2
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")

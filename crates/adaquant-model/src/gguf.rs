@@ -577,7 +577,7 @@ mod tests {
     #[test]
     fn every_truncation_is_an_error() {
         let bytes = sample();
-        for n in 0..bytes.len() - 1 {
+        for n in 0..bytes.len() {
             // The last tensor ends exactly at the end, so every shorter prefix must fail.
             assert!(Gguf::parse(&bytes[..n]).is_err(), "prefix of {n} bytes parsed");
         }
@@ -604,7 +604,7 @@ mod tests {
         // A huge string length for the first key.
         let mut b = sample();
         b[24..32].copy_from_slice(&(u64::MAX - 3).to_le_bytes());
-        assert!(gguf_err(&b).contains("string length"));
+        assert!(gguf_err(&b).contains("key length"));
     }
 
     #[test]
@@ -690,8 +690,8 @@ mod tests {
         let mut w = GgufWriter::new();
         w.meta("flag", Value::Bool(true));
         let mut b = w.to_bytes();
-        let last = b.len() - 1;
-        b[last] = 7;
+        // Header (24), key length (8), "flag" (4), value type (4), then the bool byte.
+        b[40] = 7;
         assert!(gguf_err(&b).contains("bool"));
     }
 }

@@ -409,7 +409,7 @@ mod tests {
 
     #[test]
     fn q4_k_hand_block() {
-        let sc: [u8; 8] = std::array::from_fn(|j| (j * 9 + 1) as u8);
+        let sc: [u8; 8] = std::array::from_fn(|j| (j * 8 + 3) as u8);
         let m: [u8; 8] = std::array::from_fn(|j| (63 - j * 5) as u8);
         let codes: Vec<u8> = (0..256).map(|i| (i * 5 % 16) as u8).collect();
         let (d, dmin) = (0.0625f32, 0.03125f32);

@@ -70,13 +70,20 @@ pub(crate) fn attend_exact_f16(q: &[f32], k: &[f16], v: &[f16], d: usize, scale:
         let mut s = s.borrow_mut();
         let s = &mut *s;
         #[cfg(target_arch = "x86_64")]
-        if simd::active() >= SimdLevel::Avx2 && is_x86_feature_detected!("f16c") {
-            // SAFETY: AVX2, FMA and F16C were detected at run time.
+        if simd::active() >= SimdLevel::Avx2 {
+            // SAFETY: AVX2, FMA and F16C were detected at run time (SimdLevel::Avx2 implies all three).
             unsafe { avx2::attend_f16(q, k, v, d, scale, out, s) };
             return;
         }
         generic::attend_f16(q, k, v, d, scale, out, s);
     })
+}
+
+/// The middle code `(levels - 1) / 2`. Value sums use centred codes `code - center` and fold `min + center * scale`
+/// into the per-group term: with raw codes, the code part and the minimum part of a long value sum are both large
+/// and cancel (outputs average many values), which costs several digits in f32.
+fn center(bits: crate::format::Bits) -> f32 {
+    bits.max_code() as f32 / 2.0
 }
 
 /// Scales the queries by the softmax scale once.
@@ -118,15 +125,7 @@ mod generic {
         }
     }
 
-    pub(super) fn attend_f16(
-        q: &[f32],
-        k: &[f16],
-        v: &[f16],
-        d: usize,
-        scale: f32,
-        out: &mut [f32],
-        s: &mut Scratch,
-    ) {
+    pub(super) fn attend_f16(q: &[f32], k: &[f16], v: &[f16], d: usize, scale: f32, out: &mut [f32], s: &mut Scratch) {
         // The portable baseline converts one token at a time into scratch and reuses the f32 path.
         let n_rep = q.len() / d;
         let t_all = k.len() / d;
@@ -181,7 +180,7 @@ mod generic {
         s
     }
 
-    fn packed_scores(
+    pub(super) fn packed_scores(
         qq: &[f32],
         view: &PackedView<'_>,
         scores: &mut [f32],
@@ -281,7 +280,7 @@ mod generic {
         x.len() / d
     }
 
-    fn packed_values(
+    pub(super) fn packed_values(
         p: &[f32],
         t_all: usize,
         view: &PackedView<'_>,
@@ -294,6 +293,7 @@ mod generic {
         let g = view.spec.group;
         let n_rep = acc.len() / d;
         let bits = view.spec.bits;
+        let c0 = center(bits);
         match view.spec.axis {
             GroupAxis::PerToken => {
                 codes.resize(d, 0);
@@ -304,10 +304,11 @@ mod generic {
                         let pt = p[r * t_all + pos + t];
                         let ar = &mut acc[r * d..(r + 1) * d];
                         for gi in 0..ng {
-                            let w = pt * view.scales.get(t * ng + gi);
-                            let bias = pt * view.mins.get(t * ng + gi);
+                            let s = view.scales.get(t * ng + gi);
+                            let w = pt * s;
+                            let bias = pt * (view.mins.get(t * ng + gi) + c0 * s);
                             for k in gi * g..(gi + 1) * g {
-                                ar[k] += w * codes[k] as f32 + bias;
+                                ar[k] += w * (codes[k] as f32 - c0) + bias;
                             }
                         }
                     }
@@ -327,9 +328,9 @@ mod generic {
                         for c in 0..d {
                             let mut dot = 0f32;
                             for (&pj, &code) in pb.iter().zip(&codes[c * g..(c + 1) * g]) {
-                                dot += pj * code as f32;
+                                dot += pj * (code as f32 - c0);
                             }
-                            acc[r * d + c] += sc[c] * dot + mn[c] * psum;
+                            acc[r * d + c] += sc[c] * dot + (mn[c] + c0 * sc[c]) * psum;
                         }
                     }
                 }

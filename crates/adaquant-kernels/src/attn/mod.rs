@@ -181,7 +181,11 @@ fn check_baseline<T>(q: &[f32], keys: &[&[T]], values: &[&[T]], head_dim: usize,
             });
         }
         if k.len() != v.len() {
-            return Err(Error::KvLengthMismatch { head: h, k_tokens: k.len() / head_dim, v_tokens: v.len() / head_dim });
+            return Err(Error::KvLengthMismatch {
+                head: h,
+                k_tokens: k.len() / head_dim,
+                v_tokens: v.len() / head_dim,
+            });
         }
         if k.is_empty() {
             return Err(Error::EmptyContext);

@@ -105,11 +105,21 @@ __device__ __forceinline__ void adq_load_meta_tile(float* dst, const void* scale
 __device__ __forceinline__ float adq_exact_to_f32(float x) { return x; }
 __device__ __forceinline__ float adq_exact_to_f32(u16 x) { return adq_f16_to_f32(x); }
 
-// Loads rows [r0, r0 + n) of a [capacity][head_dim] buffer into f32 rows of stride ROW (the baseline's tiles).
+// Loads rows [r0, r0 + n) of a [capacity][head_dim] f16 buffer into f32 rows of stride ROW (the baseline's tiles),
+// eight halves per 16-byte load (rows are 16-byte aligned: head_dim * 2 is a multiple of 16). Only the baseline
+// build (ExactT = u16) calls it.
 __device__ __forceinline__ void adq_load_rows(float* dst, const ExactT* src, u32 r0, u32 n) {
-    const ExactT* s = src + (i64)r0 * D;
-    for (u32 i = threadIdx.x; i < n * D; i += NT) {
-        dst[(i / D) * ROW + i % D] = adq_exact_to_f32(s[i]);
+    const uint4* s = (const uint4*)(src + (i64)r0 * D);
+    for (u32 i = threadIdx.x; i < n * D / 8; i += NT) {
+        const uint4 w = s[i];
+        const u32 e = i * 8;
+        float* o = dst + (e / D) * ROW + e % D;
+        const u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (u32 j = 0; j < 4; ++j) {
+            o[2 * j] = adq_exact_to_f32((ExactT)(words[j] & 0xffffu));
+            o[2 * j + 1] = adq_exact_to_f32((ExactT)(words[j] >> 16));
+        }
     }
 }
 
@@ -378,9 +388,12 @@ __device__ __forceinline__ void adq_attn_split_impl(const AdqAttnParams& p, cons
         }
     }
     if (vpart == 0) {
-        for (u32 h = 0; h < gqa; ++h) {
-            const u64 row = ((u64)b * p.n_q_heads + hq0 + h) * p.n_splits + split;
-            part_acc[row * D + vc] = acc[h];
+#pragma unroll
+        for (u32 h = 0; h < MAXG; ++h) {
+            if (h < gqa) {
+                const u64 row = ((u64)b * p.n_q_heads + hq0 + h) * p.n_splits + split;
+                part_acc[row * D + vc] = acc[h];
+            }
         }
     }
     if (tid < gqa) {

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 use crate::error::{Error, Result};
-use crate::format::{Bits, GroupAxis, MetaDtype};
+use crate::format::{Bits, GroupAxis, MetaDtype, QuantSpec};
 
 /// Helpers shared by every kernel, compiled after the preamble.
 pub const COMMON_SOURCE: &str = include_str!("common.cuh");
@@ -332,6 +332,19 @@ impl KernelSpec {
         o
     }
 
+    /// File name of the precompiled PTX of this specialisation for `arch`, such as `attn_K4_V2_d128.compute_90.ptx`
+    /// (see `ADAQUANT_PTX_DIR` in the `cuda` module).
+    pub fn ptx_file(&self, arch: &str) -> String {
+        let stem = match self {
+            KernelSpec::Quant { bits } => format!("quant_{}", bits.name().replace('.', "_")),
+            KernelSpec::Attn { k, v, head_dim } => {
+                format!("attn_K{}_V{}_d{head_dim}", k.name().replace('.', "_"), v.name().replace('.', "_"))
+            }
+            KernelSpec::AttnF16 { head_dim } => format!("attn_f16_d{head_dim}"),
+        };
+        format!("{stem}.{arch}.ptx")
+    }
+
     /// A short name for logs and errors, such as `attn.cu[K4 V2 d128]`.
     pub fn name(&self) -> String {
         match self {
@@ -344,6 +357,47 @@ impl KernelSpec {
 
 /// GPU architectures the PTX compile test covers (virtual architectures, so the PTX JIT-compiles on newer cards).
 pub const ARCHS: [&str; 2] = ["compute_80", "compute_90"];
+
+// ---- Host-side helpers shared by the CUDA implementation and its stand-in.
+
+/// Tokens of one side that are quantized after `tokens` tokens, exactly as the CPU cache decides: everything past
+/// the sinks and the residual window, per-channel sides in whole groups.
+pub fn quantized_tokens(spec: &QuantSpec, tokens: usize, residual: usize, sinks: usize) -> usize {
+    let free = tokens.saturating_sub(sinks + residual);
+    match spec.axis {
+        GroupAxis::PerToken => free,
+        GroupAxis::PerChannel => free / spec.group * spec.group,
+    }
+}
+
+/// Bytes of a device stream buffer holding `tokens` tokens: the packed codes, the read-ahead pad, rounded to 16.
+pub fn stream_stride(bits: Bits, tokens: usize, head_dim: usize) -> usize {
+    (bits.packed_bytes(tokens * head_dim) + PAD_BYTES).div_ceil(16) * 16
+}
+
+/// Median of a non-empty slice (sorts it).
+pub fn median(x: &mut [f64]) -> f64 {
+    x.sort_by(|a, b| a.total_cmp(b));
+    x[x.len() / 2]
+}
+
+/// Host f32 values as raw bytes of `dtype` (round to nearest even).
+pub fn to_dtype_bytes(x: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => x.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        DType::Bf16 => x.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+    }
+}
+
+/// Raw bytes of `dtype` as f32 values.
+pub fn from_dtype_bytes(b: &[u8], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::Bf16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -79,7 +79,7 @@ pub fn check_block(spec: &QuantSpec, x_len: usize, tokens: usize, head_dim: usiz
     if x_len != tokens * head_dim {
         return Err(Error::ShapeMismatch { what: "block to quantize", expected: tokens * head_dim, got: x_len });
     }
-    if spec.axis == GroupAxis::PerChannel && tokens % spec.group != 0 {
+    if spec.axis == GroupAxis::PerChannel && !tokens.is_multiple_of(spec.group) {
         return Err(Error::GroupDoesNotDivide { group: spec.group, len: tokens, what: "tokens", axis: spec.axis });
     }
     Ok(())

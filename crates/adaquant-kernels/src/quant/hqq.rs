@@ -59,7 +59,8 @@ mod tests {
     #[test]
     fn refinement_never_worsens_mean_abs_error() {
         // A skewed group with one outlier: min-max wastes levels on the outlier.
-        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 / 64.0).powi(3) + if i == 5 { 4.0 } else { 0.0 }).collect();
+        let x: Vec<f32> =
+            (0..64).map(|i| ((i * 37 % 64) as f32 / 64.0).powi(3) + if i == 5 { 4.0 } else { 0.0 }).collect();
         let (mn, mx) = x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
         let max_code = 3.0;
         let s = (mx - mn) / max_code;

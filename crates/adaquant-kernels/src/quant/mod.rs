@@ -379,7 +379,11 @@ impl<'a> PackedView<'a> {
     /// The first `tokens` tokens, or an error if the view is shorter or a per-channel block would be cut.
     pub fn try_prefix(&self, tokens: usize) -> Result<Self> {
         if tokens > self.tokens {
-            return Err(Error::BadView { what: "prefix tokens (at most the view's tokens)", expected: self.tokens, got: tokens });
+            return Err(Error::BadView {
+                what: "prefix tokens (at most the view's tokens)",
+                expected: self.tokens,
+                got: tokens,
+            });
         }
         if self.spec.axis == GroupAxis::PerChannel && tokens % self.spec.group != 0 {
             return Err(Error::GroupDoesNotDivide {

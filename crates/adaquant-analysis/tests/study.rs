@@ -1,0 +1,258 @@
+//! The per-layer studies and the report on synthetic weights and activations.
+
+use adaquant_analysis::error::AnalysisError;
+use adaquant_analysis::report::{Report, Timings, SENSITIVITY_KINDS};
+use adaquant_analysis::study::{
+    activation_layer, attention, attention_ref, head_slice, query_positions, quantize_heads, relative_error,
+    weight_layer, ActivationOptions, Dims, GroupQuantizer, LayerActivations, LayerWeights, Quantizer,
+};
+use adaquant_analysis::{report::LayerReport, Result};
+use adaquant_kernels::Bits;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+
+fn randn(rng: &mut rand::rngs::StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| scale * rng.sample::<f32, _>(StandardNormal)).collect()
+}
+
+/// Awkward sizes: 6 query heads over 2 KV heads, head_dim 24, hidden 40.
+fn dims(n_layers: usize) -> Dims {
+    Dims { n_layers, n_q_heads: 6, n_kv_heads: 2, head_dim: 24, hidden: 40 }
+}
+
+fn activations(seed: u64, d: &Dims, tokens: usize, k_scale: f32, v_scale: f32) -> LayerActivations {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    LayerActivations {
+        tokens,
+        q: randn(&mut rng, tokens * d.q_dim(), 1.0),
+        k: randn(&mut rng, tokens * d.kv_dim(), k_scale),
+        k_pre_rope: randn(&mut rng, tokens * d.kv_dim(), k_scale),
+        v: randn(&mut rng, tokens * d.kv_dim(), v_scale),
+    }
+}
+
+fn opts(bits: Vec<Bits>, attn_queries: usize) -> ActivationOptions {
+    ActivationOptions { pre_rope: false, bits, attn_queries, softmax_scale: 1.0 / 24f32.sqrt() }
+}
+
+/// Multiplies every value by `1 + e`, so the relative error is exactly `e`.
+fn scaling(e: f32) -> impl Fn(&[f32], usize, usize, Bits) -> Result<Vec<f32>> + Sync {
+    move |x: &[f32], _, _, _| Ok(x.iter().map(|v| v * (1.0 + e)).collect())
+}
+
+#[test]
+fn parallel_attention_matches_reference() {
+    let d = dims(1);
+    for &tokens in &[1usize, 2, 37, 97] {
+        let a = activations(tokens as u64, &d, tokens, 2.0, 1.0);
+        let pos: Vec<usize> = (0..tokens).collect();
+        let fast = attention(&a.q, &a.k, &a.v, &pos, &d, 0.3);
+        let slow = attention_ref(&a.q, &a.k, &a.v, &pos, &d, 0.3);
+        assert_eq!(fast.len(), tokens * d.q_dim());
+        let err = fast.iter().zip(&slow).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(err < 1e-5, "tokens={tokens}: max |fast - ref| = {err}");
+    }
+    // The first position attends only to itself: its output is its own value vector.
+    let a = activations(1, &d, 5, 1.0, 1.0);
+    let o = attention(&a.q, &a.k, &a.v, &[0], &d, 0.3);
+    for h in 0..d.n_q_heads {
+        let kv = h / 3;
+        assert_eq!(&o[h * 24..(h + 1) * 24], &a.v[kv * 24..(kv + 1) * 24]);
+    }
+}
+
+#[test]
+fn query_positions_cover_the_second_half() {
+    assert_eq!(query_positions(10, 5), vec![5, 6, 7, 8, 9]);
+    assert_eq!(query_positions(10, 100), vec![5, 6, 7, 8, 9]);
+    let p = query_positions(2048, 64);
+    assert_eq!(p.len(), 64);
+    assert_eq!(*p.last().unwrap(), 2047);
+    assert!(p[0] >= 1024 && p.windows(2).all(|w| w[0] < w[1]));
+    assert!(query_positions(0, 4).is_empty() && query_positions(7, 0).is_empty());
+    assert_eq!(query_positions(1, 3), vec![0]);
+}
+
+#[test]
+fn activation_errors_follow_the_quantizer() {
+    let d = dims(1);
+    let a = activations(3, &d, 61, 4.0, 0.5);
+    let exact = activation_layer(0, &a, &d, &opts(vec![Bits::B4], 9), &scaling(0.0)).unwrap();
+    let q = &exact.quant[0];
+    assert_eq!((q.bits, q.k_rel, q.v_rel, q.k_attn_rel, q.v_attn_rel), (4.0, 0.0, 0.0, Some(0.0), Some(0.0)));
+
+    let e = 0.01f32;
+    let r = activation_layer(0, &a, &d, &opts(vec![Bits::B2, Bits::B8], 9), &scaling(e)).unwrap();
+    assert_eq!(r.quant.len(), 2);
+    for q in &r.quant {
+        assert!((q.k_rel - e as f64).abs() < 1e-6 && (q.v_rel - e as f64).abs() < 1e-6, "{q:?}");
+        // Scaling V scales the attention output by the same factor; scaling K changes the softmax instead.
+        assert!((q.v_attn_rel.unwrap() - e as f64).abs() < 1e-5, "{q:?}");
+        let k_attn = q.k_attn_rel.unwrap();
+        assert!(k_attn > 0.0 && k_attn < 1.0, "{q:?}");
+    }
+    // Norms: K was drawn 8x larger than V.
+    assert!(r.k.whole.fro > 4.0 * r.v.whole.fro);
+    assert_eq!(r.k.heads.len(), 2);
+    let sum_sq: f64 = r.k.head_fro.iter().map(|x| x * x).sum();
+    assert!((sum_sq.sqrt() - r.k.whole.fro).abs() < 1e-9 * r.k.whole.fro);
+    assert_eq!(r.k_channels.len(), 2);
+    assert_eq!(r.k_channels[0].max_abs.len(), 24);
+
+    // Without queries there is no attention error.
+    let no_q = LayerActivations { q: Vec::new(), ..a.clone() };
+    let r = activation_layer(0, &no_q, &d, &opts(vec![Bits::B4], 9), &scaling(e)).unwrap();
+    assert_eq!((r.quant[0].k_attn_rel, r.quant[0].v_attn_rel), (None, None));
+
+    // Pre-RoPE keys change the key statistics but not the quantization error (measured on post-RoPE keys).
+    let pre = activation_layer(0, &a, &d, &ActivationOptions { pre_rope: true, ..opts(vec![Bits::B4], 0) }, &scaling(e))
+        .unwrap();
+    assert_ne!(pre.k.whole.fro, exact.k.whole.fro);
+}
+
+#[test]
+fn kernel_quantizer_error_shrinks_with_bits() {
+    let d = dims(1);
+    let a = activations(9, &d, 50, 3.0, 1.0);
+    let q = GroupQuantizer { group: 8 };
+    let widths = [Bits::B1, Bits::B1_58, Bits::B2, Bits::B3, Bits::B4, Bits::B5, Bits::B6, Bits::B8];
+    let r = activation_layer(0, &a, &d, &opts(widths.to_vec(), 16), &q).unwrap();
+    for w in r.quant.windows(2) {
+        assert!(w[1].k_rel < w[0].k_rel && w[1].v_rel < w[0].v_rel, "{:?}", w);
+    }
+    let last = r.quant.last().unwrap();
+    assert!(last.k_rel < 0.01 && last.k_attn_rel.unwrap() < 0.01, "{last:?}");
+    // Heads are quantized separately and put back in place.
+    let rec = quantize_heads(&q, &a.k, 50, 2, 24, Bits::B8).unwrap();
+    for h in 0..2 {
+        let dense = head_slice(&a.k, 50, 2, 24, h);
+        let alone = q.round_trip(&dense, 50, 24, Bits::B8).unwrap();
+        assert_eq!(head_slice(&rec, 50, 2, 24, h), alone);
+    }
+    // A group that does not divide head_dim is a typed error.
+    let bad = GroupQuantizer { group: 7 };
+    let e = activation_layer(0, &a, &d, &opts(vec![Bits::B4], 0), &bad).unwrap_err();
+    assert!(matches!(e, AnalysisError::Quant(_)), "{e}");
+}
+
+#[test]
+fn bad_activation_shapes_are_errors() {
+    let d = dims(1);
+    let mut a = activations(4, &d, 20, 1.0, 1.0);
+    a.v.pop();
+    let e = activation_layer(0, &a, &d, &opts(vec![Bits::B4], 4), &scaling(0.0)).unwrap_err();
+    assert!(matches!(e, AnalysisError::Shape { .. }), "{e}");
+    a.v.push(f32::NAN);
+    let e = activation_layer(0, &a, &d, &opts(vec![Bits::B4], 4), &scaling(0.0)).unwrap_err();
+    assert!(matches!(e, AnalysisError::NonFinite { .. }), "{e}");
+    assert_eq!(relative_error(&[], &[]), 0.0);
+    assert!((relative_error(&[3.0, 4.0], &[3.0, 4.5]) - 0.1).abs() < 1e-12);
+}
+
+/// Weights of `n` layers where W_K is larger than W_V in the first half and smaller in the second.
+fn synthetic_layers(d: &Dims, with_activations: bool) -> Vec<LayerReport> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    (0..d.n_layers)
+        .map(|l| {
+            let (ks, vs) = if l < d.n_layers / 2 { (2.0, 1.0) } else { (1.0, 2.0) };
+            let wq = randn(&mut rng, d.q_dim() * d.hidden, 1.0);
+            let wk = randn(&mut rng, d.kv_dim() * d.hidden, ks);
+            let wv = randn(&mut rng, d.kv_dim() * d.hidden, vs);
+            let wo = randn(&mut rng, d.hidden * d.q_dim(), 1.0);
+            let weights = weight_layer(l, &LayerWeights { wq: &wq, wk: &wk, wv: &wv, wo: &wo }, d).unwrap();
+            let activations = with_activations.then(|| {
+                let a = activations(l as u64, d, 40, 3.0, 1.0);
+                activation_layer(l, &a, d, &opts(vec![Bits::B2, Bits::B4], 8), &GroupQuantizer { group: 8 }).unwrap()
+            });
+            LayerReport { layer: l, weights, activations }
+        })
+        .collect()
+}
+
+#[test]
+fn weight_study_is_per_head() {
+    let d = dims(1);
+    let layers = synthetic_layers(&d, false);
+    let w = &layers[0].weights;
+    assert_eq!((w.w_k.whole.rows, w.w_k.whole.cols), (48, 40));
+    assert_eq!(w.w_k.heads.len(), 2);
+    assert_eq!((w.w_k.heads[1].rows, w.w_k.heads[1].cols), (24, 40));
+    let sum_sq: f64 = w.w_v.head_fro.iter().map(|x| x * x).sum();
+    assert!((sum_sq.sqrt() - w.w_v.whole.fro).abs() < 1e-9 * w.w_v.whole.fro);
+    // The spectral norm of a block of rows never exceeds that of the whole matrix.
+    assert!(w.w_k.head_spec.iter().all(|&s| s <= w.w_k.whole.spec * (1.0 + 1e-12)));
+    assert!(w.w_q.spec > 0.0 && w.w_o.fro > w.w_o.spec);
+}
+
+#[test]
+fn report_checks_claims_and_writes_everything() {
+    let d = dims(6);
+    let layers = synthetic_layers(&d, true);
+    let report = Report::new("synthetic.gguf".into(), d.clone(), None, layers, Timings::default());
+    let fro = report.claims.iter().find(|c| c.norm == "weight_fro").unwrap();
+    assert_eq!(fro.holds, vec![0, 1, 2]);
+    assert_eq!(fro.fails, vec![3, 4, 5]);
+    assert_eq!(fro.sentence(), "holds in 3 of 6 layers; fails in layers 3-5");
+    let act = report.claims.iter().find(|c| c.norm == "act_fro").unwrap();
+    assert_eq!(act.holds.len(), 6, "activations were drawn with K three times larger");
+    assert!(report.claims.iter().any(|c| c.norm == "act_spec"));
+
+    let dir = std::env::temp_dir().join(format!("adaquant-report-{}", std::process::id()));
+    let files = report.write(&dir).unwrap();
+    for name in ["report.json", "report.md", "plots/kv_norm_ratio.png", "plots/key_channel_magnitude.svg"] {
+        assert!(files.contains(&dir.join(name)), "{name} missing from {files:?}");
+        assert!(dir.join(name).is_file());
+    }
+    assert!(dir.join("plots/spectrum_act_layer03.png").is_file());
+    assert!(dir.join("plots/spectrum_w_layer00_full.svg").is_file());
+
+    // report.json has the documented shape and reads back identically.
+    let text = std::fs::read_to_string(dir.join("report.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let l0 = &v["layers"][0];
+    for m in ["w_k", "w_v", "k", "v"] {
+        assert!(l0[m]["fro"].is_f64() && l0[m]["spec"].is_f64(), "{m}");
+        assert!(l0[m]["singular_values"].as_array().unwrap().len() >= 24, "{m}");
+        assert_eq!(l0[m]["heads"].as_array().unwrap().len(), 2, "{m}");
+        assert_eq!(l0[m]["head_fro"].as_array().unwrap().len(), 2, "{m}");
+    }
+    assert!(l0["w_q"]["fro"].is_f64() && l0["quant"][1]["bits"] == 4.0);
+    let back: Report = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, report);
+
+    // Every sensitivity file is what the cache crate's budget solver reads.
+    for kind in SENSITIVITY_KINDS {
+        let text = std::fs::read_to_string(dir.join(format!("sensitivities-{kind}.json"))).unwrap();
+        let s: adaquant_cache::Sensitivities = serde_json::from_str(&text).unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.n_layers(), 6, "{kind}");
+        let raw: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(raw["kind"], kind);
+    }
+    let wf = report.sensitivities("weight_fro").unwrap();
+    assert_eq!(wf.k[4], report.layers[4].weights.w_k.whole.fro);
+    assert!(report.sensitivities("nonsense").is_none());
+
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(md.contains("fails in layers 3-5"), "{md}");
+    assert!(md.contains("| 5 |"));
+}
+
+#[test]
+fn weights_only_report_has_no_activation_kinds() {
+    let d = dims(2);
+    let mut layers = synthetic_layers(&d, false);
+    let head1 = layers[1].weights.w_k.heads[1].clone();
+    let whole = layers[1].weights.w_k.whole.clone();
+    layers[1].keep_heads(&[1]);
+    assert_eq!(layers[1].weights.w_k.head_ids, vec![1]);
+    assert_eq!(layers[1].weights.w_k.heads, vec![head1.clone()]);
+    assert_eq!(layers[1].weights.w_k.head_fro, vec![head1.fro]);
+    assert_eq!(layers[1].weights.w_k.whole, whole, "the whole-matrix numbers do not depend on the heads kept");
+    let report = Report::new("w.gguf".into(), d, None, layers, Timings::default());
+    assert_eq!(report.claims.len(), 2);
+    assert!(report.sensitivities("act_fro").is_none() && report.sensitivities("quant_err").is_none());
+    assert!(report.sensitivities("weight_spec").is_some());
+    let json = serde_json::to_value(&report).unwrap();
+    assert!(json["layers"][0].get("k").is_none());
+}
