@@ -19,8 +19,12 @@ use adaquant_kernels::{decode_attention, Bits, GroupAxis, QuantSpec};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use half::f16;
 
-const CONFIGS: [(&str, Bits, Bits); 4] =
-    [("K4V2", Bits::B4, Bits::B2), ("K4V4", Bits::B4, Bits::B4), ("K2V4", Bits::B2, Bits::B4), ("K8V8", Bits::B8, Bits::B8)];
+const CONFIGS: [(&str, Bits, Bits); 4] = [
+    ("K4V2", Bits::B4, Bits::B2),
+    ("K4V4", Bits::B4, Bits::B4),
+    ("K2V4", Bits::B2, Bits::B4),
+    ("K8V8", Bits::B8, Bits::B8),
+];
 
 fn specs(kb: Bits, vb: Bits) -> (QuantSpec, QuantSpec) {
     (QuantSpec::new(kb, 64, GroupAxis::PerChannel), QuantSpec::new(vb, 64, GroupAxis::PerToken))
@@ -94,8 +98,8 @@ impl Point {
     }
 
     /// (name, bytes read, kernel) for every kernel of this point.
-    fn kernels(&self) -> Vec<(String, usize, Box<dyn Fn(&mut [f32]) + '_>)> {
-        let mut v: Vec<(String, usize, Box<dyn Fn(&mut [f32]) + '_>)> = Vec::new();
+    fn kernels(&self) -> Vec<(String, usize, Box<dyn Fn(&mut [f32]) + Sync + '_>)> {
+        let mut v: Vec<(String, usize, Box<dyn Fn(&mut [f32]) + Sync + '_>)> = Vec::new();
         for (name, layer) in &self.packed {
             v.push((name.to_string(), layer.bytes(), Box::new(move |o: &mut [f32]| self.run_packed(layer, o))));
         }

@@ -1,5 +1,6 @@
 //! The full-precision cache: f32 storage (or f16 storage, to measure the usual baseline's bytes).
 
+use adaquant_kernels::attn::{attention_f16, decode_attention, decode_attention_serial, HeadKv};
 use half::f16;
 use rayon::prelude::*;
 
@@ -9,24 +10,84 @@ use crate::{check_append_args, CacheError, CacheShape, KvCache, LayerMemory, Mem
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FullDtype {
     F32,
-    /// Keys and values rounded to f16 on append (what most inference engines hold).
+    /// Keys and values stored as f16 (what most inference engines hold).
     F16,
 }
 
-#[derive(Clone, Debug, Default)]
+/// Per KV head `[t][head_dim]` storage.
+#[derive(Clone, Debug)]
+enum Store {
+    F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    F16 { k: Vec<Vec<f16>>, v: Vec<Vec<f16>> },
+}
+
+#[derive(Clone, Debug)]
 struct Layer {
-    /// `[t][kv_head][head_dim]`, f32 (for F16 the values are rounded to f16 and widened back).
-    k: Vec<f32>,
-    v: Vec<f32>,
+    store: Store,
     tokens: usize,
 }
 
-/// A cache that keeps every key and value unquantized.
+/// A cache that keeps every key and value unquantized, one `[t][head_dim]` buffer per KV head.
+///
+/// Attention is the kernels' exact path ([`decode_attention`] over exact heads for f32, [`attention_f16`] for
+/// f16); [`causal_attention_ref`] is its reference twin.
 #[derive(Clone, Debug)]
 pub struct FullPrecisionCache {
     shape: CacheShape,
     dtype: FullDtype,
     layers: Vec<Layer>,
+}
+
+/// Appends the rows of one side (`x` is `[n][n_kv_heads][head_dim]`) to per-head buffers.
+pub(crate) fn scatter_heads<T>(heads: &mut [Vec<T>], x: &[f32], d: usize, conv: impl Fn(f32) -> T) {
+    let h = heads.len();
+    for (hi, buf) in heads.iter_mut().enumerate() {
+        buf.extend(x.chunks(h * d).flat_map(|row| row[hi * d..(hi + 1) * d].iter().map(|&e| conv(e))));
+    }
+}
+
+/// Decode-faithful attention of the `n` queries of positions `start..start + n` over exact per-head f32 keys and
+/// values holding at least `start + n` tokens: query `i` sees the first `start + i + 1` tokens.
+pub(crate) fn attend_exact_f32(
+    shape: &CacheShape,
+    k: &[Vec<f32>],
+    v: &[Vec<f32>],
+    start: usize,
+    q: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    let d = shape.head_dim;
+    let heads_at = |len: usize| -> Vec<HeadKv<'_>> {
+        k.iter().zip(v).map(|(k, v)| HeadKv::exact(&k[..len * d], &v[..len * d])).collect()
+    };
+    let row = shape.q_row();
+    if q.len() == row {
+        decode_attention(q, &heads_at(start + 1), d, shape.softmax_scale, out)?;
+    } else {
+        q.par_chunks(row).zip(out.par_chunks_mut(row)).enumerate().try_for_each(|(i, (qi, oi))| {
+            decode_attention_serial(qi, &heads_at(start + i + 1), d, shape.softmax_scale, oi)
+        })?;
+    }
+    Ok(())
+}
+
+fn attend_exact_f16(
+    shape: &CacheShape,
+    k: &[Vec<f16>],
+    v: &[Vec<f16>],
+    start: usize,
+    q: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    let d = shape.head_dim;
+    let row = shape.q_row();
+    q.par_chunks(row).zip(out.par_chunks_mut(row)).enumerate().try_for_each(|(i, (qi, oi))| {
+        let len = (start + i + 1) * d;
+        let ks: Vec<&[f16]> = k.iter().map(|x| &x[..len]).collect();
+        let vs: Vec<&[f16]> = v.iter().map(|x| &x[..len]).collect();
+        attention_f16(qi, &ks, &vs, d, shape.softmax_scale, oi)
+    })?;
+    Ok(())
 }
 
 impl FullPrecisionCache {
@@ -38,7 +99,12 @@ impl FullPrecisionCache {
     /// An empty cache with the given element type.
     pub fn with_dtype(shape: CacheShape, dtype: FullDtype) -> Result<Self> {
         shape.validate()?;
-        let layers = vec![Layer::default(); shape.n_layers];
+        let h = shape.n_kv_heads;
+        let store = match dtype {
+            FullDtype::F32 => Store::F32 { k: vec![Vec::new(); h], v: vec![Vec::new(); h] },
+            FullDtype::F16 => Store::F16 { k: vec![Vec::new(); h], v: vec![Vec::new(); h] },
+        };
+        let layers = vec![Layer { store, tokens: 0 }; shape.n_layers];
         Ok(FullPrecisionCache { shape, dtype, layers })
     }
 
@@ -46,29 +112,43 @@ impl FullPrecisionCache {
     /// cache (benchmarks, replaying a captured context).
     pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
         let n = crate::check_kv_args(&self.shape, layer, k, v)?;
+        self.store(layer, n, k, v)
+    }
+
+    fn store(&mut self, layer: usize, n: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let d = self.shape.head_dim;
         let l = &mut self.layers[layer];
         if l.tokens + n > self.shape.max_seq_len {
             return Err(CacheError::Full { layer, held: l.tokens, adding: n, max: self.shape.max_seq_len });
         }
-        let dtype = self.dtype;
-        let round = |x: &f32| match dtype {
-            FullDtype::F32 => *x,
-            FullDtype::F16 => f16::from_f32(*x).to_f32(),
-        };
-        l.k.extend(k.iter().map(round));
-        l.v.extend(v.iter().map(round));
+        match &mut l.store {
+            Store::F32 { k: ks, v: vs } => {
+                scatter_heads(ks, k, d, |x| x);
+                scatter_heads(vs, v, d, |x| x);
+            }
+            Store::F16 { k: ks, v: vs } => {
+                scatter_heads(ks, k, d, f16::from_f32);
+                scatter_heads(vs, v, d, f16::from_f32);
+            }
+        }
         l.tokens += n;
         Ok(())
     }
 
-    /// Keys of `layer`, `[t][kv_head][head_dim]`.
-    pub fn keys(&self, layer: usize) -> &[f32] {
-        &self.layers[layer].k
+    /// Keys of one KV head of `layer`, `[t][head_dim]`, widened to f32.
+    pub fn keys(&self, layer: usize, head: usize) -> Vec<f32> {
+        match &self.layers[layer].store {
+            Store::F32 { k, .. } => k[head].clone(),
+            Store::F16 { k, .. } => k[head].iter().map(|x| x.to_f32()).collect(),
+        }
     }
 
-    /// Values of `layer`, `[t][kv_head][head_dim]`.
-    pub fn values(&self, layer: usize) -> &[f32] {
-        &self.layers[layer].v
+    /// Values of one KV head of `layer`, `[t][head_dim]`, widened to f32.
+    pub fn values(&self, layer: usize, head: usize) -> Vec<f32> {
+        match &self.layers[layer].store {
+            Store::F32 { v, .. } => v[head].clone(),
+            Store::F16 { v, .. } => v[head].iter().map(|x| x.to_f32()).collect(),
+        }
     }
 }
 
@@ -83,47 +163,40 @@ impl KvCache for FullPrecisionCache {
 
     fn append_attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) -> Result<()> {
         let n = check_append_args(&self.shape, layer, q, k, v, out)?;
-        let shape = &self.shape;
-        let l = &mut self.layers[layer];
-        if l.tokens + n > shape.max_seq_len {
-            return Err(CacheError::Full { layer, held: l.tokens, adding: n, max: shape.max_seq_len });
+        if n == 0 {
+            return Ok(());
         }
-        let round = |x: &f32| match self.dtype {
-            FullDtype::F32 => *x,
-            FullDtype::F16 => f16::from_f32(*x).to_f32(),
-        };
-        l.k.extend(k.iter().map(round));
-        l.v.extend(v.iter().map(round));
-        let start = l.tokens;
-        l.tokens += n;
-        causal_attention(shape, &l.k, &l.v, start, q, out);
-        Ok(())
+        let start = self.layers[layer].tokens;
+        self.store(layer, n, k, v)?;
+        match &self.layers[layer].store {
+            Store::F32 { k, v } => attend_exact_f32(&self.shape, k, v, start, q, out),
+            Store::F16 { k, v } => attend_exact_f16(&self.shape, k, v, start, q, out),
+        }
     }
 
     fn memory(&self) -> MemoryReport {
-        let el = match self.dtype {
-            FullDtype::F32 => 4,
-            FullDtype::F16 => 2,
-        };
         let layers: Vec<LayerMemory> = self
             .layers
             .iter()
-            .map(|l| LayerMemory {
-                k_full_bytes: l.k.len() * el,
-                v_full_bytes: l.v.len() * el,
-                tokens: l.tokens,
-                ..Default::default()
+            .map(|l| {
+                let (kb, vb) = match &l.store {
+                    Store::F32 { k, v } => (k.iter().map(|x| x.len() * 4).sum(), v.iter().map(|x| x.len() * 4).sum()),
+                    Store::F16 { k, v } => (k.iter().map(|x| x.len() * 2).sum(), v.iter().map(|x| x.len() * 2).sum()),
+                };
+                LayerMemory { k_full_bytes: kb, v_full_bytes: vb, tokens: l.tokens, ..Default::default() }
             })
             .collect();
-        let elements = self.layers.iter().map(|l| l.k.len() + l.v.len()).sum();
+        let elements = self.layers.iter().map(|l| 2 * l.tokens * self.shape.kv_row()).sum();
         MemoryReport { layers, elements }
     }
 
     fn clear(&mut self) {
         for l in &mut self.layers {
-            l.k.clear();
-            l.v.clear();
             l.tokens = 0;
+            match &mut l.store {
+                Store::F32 { k, v } => k.iter_mut().chain(v.iter_mut()).for_each(Vec::clear),
+                Store::F16 { k, v } => k.iter_mut().chain(v.iter_mut()).for_each(Vec::clear),
+            }
         }
     }
 
@@ -135,57 +208,32 @@ impl KvCache for FullPrecisionCache {
     }
 }
 
-/// Causal attention of the queries of positions `start..start + n` over full-precision `k`/`v`
-/// (`[t][kv_head][head_dim]`, holding at least `start + n` tokens). f32 accumulation, max-subtracted softmax.
-pub fn causal_attention(shape: &CacheShape, k: &[f32], v: &[f32], start: usize, q: &[f32], out: &mut [f32]) {
+/// Reference twin of the full-precision attention: causal attention of the queries of positions
+/// `start..start + n` over token-major `k`/`v` (`[t][kv_head][head_dim]`, at least `start + n` tokens), plain
+/// loops in f64 with a max-subtracted softmax.
+pub fn causal_attention_ref(shape: &CacheShape, k: &[f32], v: &[f32], start: usize, q: &[f32], out: &mut [f32]) {
     let (hq, hkv, d) = (shape.n_q_heads, shape.n_kv_heads, shape.head_dim);
     let group = hq / hkv;
     let kv_row = hkv * d;
-    out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
+    for (idx, o) in out.chunks_mut(d).enumerate() {
         let (i, h) = (idx / hq, idx % hq);
         let kvh = h / group;
         let qv = &q[idx * d..(idx + 1) * d];
         let len = start + i + 1;
-        scores.clear();
-        let mut m = f32::NEG_INFINITY;
-        for t in 0..len {
-            let kr = &k[t * kv_row + kvh * d..t * kv_row + (kvh + 1) * d];
-            let s = dot(qv, kr) * shape.softmax_scale;
-            m = m.max(s);
-            scores.push(s);
-        }
-        let mut sum = 0.0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - m).exp();
-            sum += *s;
-        }
-        o.fill(0.0);
-        for (t, &p) in scores.iter().enumerate() {
-            let vr = &v[t * kv_row + kvh * d..t * kv_row + (kvh + 1) * d];
-            for (oc, &vc) in o.iter_mut().zip(vr) {
-                *oc += p * vc;
-            }
-        }
-        let inv = 1.0 / sum;
-        o.iter_mut().for_each(|x| *x *= inv);
-    });
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators so the compiler vectorises without reassociation flags.
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for j in 0..8 {
-            acc[j] += a[c * 8 + j] * b[c * 8 + j];
+        let scores: Vec<f64> = (0..len)
+            .map(|t| {
+                let kr = &k[t * kv_row + kvh * d..t * kv_row + (kvh + 1) * d];
+                qv.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * shape.softmax_scale as f64
+            })
+            .collect();
+        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let p: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+        let sum: f64 = p.iter().sum();
+        for (c, oc) in o.iter_mut().enumerate() {
+            let acc: f64 = p.iter().enumerate().map(|(t, &pt)| pt * v[t * kv_row + kvh * d + c] as f64).sum();
+            *oc = (acc / sum) as f32;
         }
     }
-    let mut s: f32 = acc.iter().sum();
-    for j in chunks * 8..a.len() {
-        s += a[j] * b[j];
-    }
-    s
 }
 
 #[cfg(test)]
@@ -195,6 +243,44 @@ mod tests {
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn fast_attention_matches_the_reference() {
+        for dtype in [FullDtype::F32, FullDtype::F16] {
+            let shape = CacheShape::new(1, 6, 2, 24, 128);
+            let n = 53;
+            let mut seed = 3;
+            let q: Vec<f32> = (0..n * shape.q_row()).map(|_| 3.0 * lcg(&mut seed)).collect();
+            let k: Vec<f32> = (0..n * shape.kv_row()).map(|_| 3.0 * lcg(&mut seed)).collect();
+            let v: Vec<f32> = (0..n * shape.kv_row()).map(|_| lcg(&mut seed)).collect();
+            let mut c = FullPrecisionCache::with_dtype(shape.clone(), dtype).unwrap();
+            let mut out = vec![0.0; q.len()];
+            c.append_attend(
+                0,
+                &q[..10 * shape.q_row()],
+                &k[..10 * shape.kv_row()],
+                &v[..10 * shape.kv_row()],
+                &mut out[..10 * shape.q_row()],
+            )
+            .unwrap();
+            c.append_attend(
+                0,
+                &q[10 * shape.q_row()..],
+                &k[10 * shape.kv_row()..],
+                &v[10 * shape.kv_row()..],
+                &mut out[10 * shape.q_row()..],
+            )
+            .unwrap();
+            let round = |x: &f32| if dtype == FullDtype::F16 { f16::from_f32(*x).to_f32() } else { *x };
+            let (kr, vr): (Vec<f32>, Vec<f32>) = (k.iter().map(round).collect(), v.iter().map(round).collect());
+            let mut reference = vec![0.0; q.len()];
+            causal_attention_ref(&shape, &kr, &vr, 0, &q, &mut reference);
+            let worst = out.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "{dtype:?}: {worst}");
+            let rows: Vec<f32> = (0..n).flat_map(|t| kr[t * 48 + 24..t * 48 + 48].to_vec()).collect();
+            assert_eq!(c.keys(0, 1), rows);
+        }
     }
 
     #[test]

@@ -2,7 +2,34 @@
 //!
 //! Every cache implements [`KvCache`]: the forward pass appends a layer's new keys and values and asks for the
 //! attention outputs of the new queries in one call, so a cache can serve prefill (many tokens) and decoding
-//! (one token) with identical, decode-faithful semantics.
+//! (one token) with identical, decode-faithful semantics. Implementations: [`FullPrecisionCache`] (f32 or f16) and
+//! [`QuantizedCache`] (per-layer key and value precision, exact sinks and recent window, packed history). A
+//! [`CacheSpec`] (JSON, or a short name such as `k4v2`) builds any of them; [`alloc`] chooses per-layer widths and
+//! group sizes from a budget; [`kvq`] reads the authors' config shape. See `docs/CACHE.md`.
+//!
+//! ```
+//! use adaquant_cache::{BitBudget, CacheShape, CacheSpec, KvCache, QuantCacheConfig, Sensitivities};
+//!
+//! let shape = CacheShape::new(2, 4, 2, 64, 1024);
+//! let mut cache = "k4v2-r16".parse::<CacheSpec>()?.build(shape.clone())?;
+//! let n = 20;
+//! let q: Vec<f32> = (0..n * shape.q_row()).map(|i| (i as f32 * 0.37).sin()).collect();
+//! let k: Vec<f32> = (0..n * shape.kv_row()).map(|i| (i as f32 * 0.11).cos()).collect();
+//! let v: Vec<f32> = (0..n * shape.kv_row()).map(|i| (i as f32 * 0.23).sin()).collect();
+//! let mut out = vec![0.0; q.len()];
+//! cache.append_attend(0, &q, &k, &v, &mut out)?;
+//! assert_eq!(cache.seq_len(0), n);
+//! // 4 tokens left the 16-token window and are held in 4 + 2 bits plus f16 metadata.
+//! let m = cache.memory();
+//! assert_eq!(m.layers[0].k_code_bytes, 2 * 4 * 64 / 2);
+//!
+//! // Keys with larger norms get more bits under an average budget of 3 bits.
+//! let sens = Sensitivities::new(vec![40.0, 35.0], vec![10.0, 12.0])?;
+//! let alloc = BitBudget::new(3.0).solve(&sens)?;
+//! assert!(alloc.k[0] > alloc.v[0]);
+//! let _config: QuantCacheConfig = QuantCacheConfig::split(2, alloc.k[0], alloc.v[0]);
+//! # Ok::<(), adaquant_cache::CacheError>(())
+//! ```
 
 pub mod alloc;
 pub mod config;

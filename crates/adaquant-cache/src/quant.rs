@@ -13,16 +13,16 @@
 //!
 //! Attention is decode-faithful: in a call appending `n` tokens, query `i` sees the cache exactly as it was right
 //! after its own token was appended, because the tail still holds, exact, the tokens that this call flushed; the
-//! query reads the packed prefix that existed at its position plus the matching slice of the tail. Layers whose
-//! keys and values are both unquantized store `[t][kv_head][head_dim]` and use the same attention as
-//! [`crate::FullPrecisionCache`], so an all-unquantized cache gives bit-identical outputs.
+//! query reads the packed prefix that existed at its position plus the matching slice of the tail. A layer whose
+//! keys and values are both unquantized keeps everything in its tails (no separate sinks), which is exactly what
+//! [`crate::FullPrecisionCache`] holds and hands to the same kernel, so an all-unquantized cache gives
+//! bit-identical outputs.
 
 use adaquant_kernels::attn::{decode_attention, decode_attention_serial, HeadKv};
 use adaquant_kernels::quant::{PackedStream, PackedView};
 use rayon::prelude::*;
 
 use crate::config::{Precision, QuantCacheConfig};
-use crate::full::causal_attention;
 use crate::{check_append_args, check_kv_args, CacheError, CacheShape, KvCache, LayerMemory, MemoryReport, Result};
 
 /// Bytes of one exact element (the cache holds exact tokens as f32).
@@ -53,17 +53,22 @@ impl HeadSide {
 }
 
 #[derive(Clone, Debug)]
-enum LayerStore {
-    /// Both sides unquantized: `[t][kv_head][head_dim]` like the full-precision cache.
-    Exact { k: Vec<f32>, v: Vec<f32> },
-    /// Per KV head: keys and values.
-    Mixed { k: Vec<HeadSide>, v: Vec<HeadSide> },
+struct Layer {
+    /// Per KV head.
+    k: Vec<HeadSide>,
+    v: Vec<HeadSide>,
+    tokens: usize,
+    /// Exact leading tokens of this layer: the config's sinks, or 0 when both sides are unquantized.
+    sinks: usize,
 }
 
-#[derive(Clone, Debug)]
-struct Layer {
-    store: LayerStore,
-    tokens: usize,
+impl Layer {
+    fn side(&self, kv: Kv) -> &[HeadSide] {
+        match kv {
+            Kv::K => &self.k,
+            Kv::V => &self.v,
+        }
+    }
 }
 
 /// The quantized cache. Build it from a [`QuantCacheConfig`] (or through [`crate::CacheSpec::build`]).
@@ -143,11 +148,9 @@ impl QuantizedCache {
             .layers
             .iter()
             .map(|l| {
-                let store = match (l.k, l.v) {
-                    (Precision::Full, Precision::Full) => LayerStore::Exact { k: Vec::new(), v: Vec::new() },
-                    _ => LayerStore::Mixed { k: side(&l.k)?, v: side(&l.v)? },
-                };
-                Ok(Layer { store, tokens: 0 })
+                let both_full = l.k == Precision::Full && l.v == Precision::Full;
+                let sinks = if both_full { 0 } else { config.sinks };
+                Ok(Layer { k: side(&l.k)?, v: side(&l.v)?, tokens: 0, sinks })
             })
             .collect::<Result<_>>()?;
         Ok(QuantizedCache { shape, config, layers })
@@ -158,37 +161,16 @@ impl QuantizedCache {
         &self.config
     }
 
-    /// The packed stream of one side of one KV head (`None` for unquantized sides or layers).
+    /// The packed stream of one side of one KV head (`None` for unquantized sides).
     pub fn packed(&self, layer: usize, kv: Kv, head: usize) -> Option<PackedView<'_>> {
-        match &self.layers.get(layer)?.store {
-            LayerStore::Exact { .. } => None,
-            LayerStore::Mixed { k, v } => {
-                let sides = if kv == Kv::K { k } else { v };
-                sides.get(head)?.packed.as_ref().map(PackedStream::view)
-            }
-        }
+        self.layers.get(layer)?.side(kv).get(head)?.packed.as_ref().map(PackedStream::view)
     }
 
-    /// The exact parts of one side of one KV head: (sinks, tail), each `[tokens][head_dim]`. For a layer whose
-    /// both sides are unquantized, everything is in the tail (copied out of the token-major store).
+    /// The exact parts of one side of one KV head: (sinks, tail), each `[tokens][head_dim]`. A layer whose both
+    /// sides are unquantized keeps everything in the tail.
     pub fn exact_parts(&self, layer: usize, kv: Kv, head: usize) -> Option<(Vec<f32>, Vec<f32>)> {
-        let (h, d) = (self.shape.n_kv_heads, self.shape.head_dim);
-        if head >= h {
-            return None;
-        }
-        let l = self.layers.get(layer)?;
-        Some(match &l.store {
-            LayerStore::Exact { k, v } => {
-                let src = if kv == Kv::K { k } else { v };
-                let tail =
-                    (0..l.tokens).flat_map(|t| &src[(t * h + head) * d..(t * h + head + 1) * d]).copied().collect();
-                (Vec::new(), tail)
-            }
-            LayerStore::Mixed { k, v } => {
-                let s = &(if kv == Kv::K { k } else { v })[head];
-                (s.sink.clone(), s.live_tail(d).to_vec())
-            }
-        })
+        let s = self.layers.get(layer)?.side(kv).get(head)?;
+        Some((s.sink.clone(), s.live_tail(self.shape.head_dim).to_vec()))
     }
 
     /// Appends keys and values (`[n][n_kv_heads][head_dim]` each) to `layer` without attending: the same cache
@@ -201,7 +183,7 @@ impl QuantizedCache {
     fn append_impl(&mut self, layer: usize, k: &[f32], v: &[f32], attend: Option<(&[f32], &mut [f32])>) -> Result<()> {
         let shape = &self.shape;
         let n = k.len() / shape.kv_row();
-        let (residual, sinks) = (self.config.residual, self.config.sinks);
+        let residual = self.config.residual;
         let prec = self.config.layers[layer];
         let l = &mut self.layers[layer];
         let t0 = l.tokens;
@@ -212,58 +194,47 @@ impl QuantizedCache {
             return Ok(());
         }
         let d = shape.head_dim;
-        match &mut l.store {
-            LayerStore::Exact { k: ks, v: vs } => {
-                ks.extend_from_slice(k);
-                vs.extend_from_slice(v);
-                l.tokens += n;
-                if let Some((q, out)) = attend {
-                    causal_attention(shape, ks, vs, t0, q, out);
-                }
-            }
-            LayerStore::Mixed { k: kh, v: vh } => {
-                let qk0 = prec.k.quantized_tokens(t0, residual, sinks);
-                let qv0 = prec.v.quantized_tokens(t0, residual, sinks);
-                let flush_k = prec.k.quantized_tokens(t0 + n, residual, sinks) - qk0;
-                let flush_v = prec.v.quantized_tokens(t0 + n, residual, sinks) - qv0;
-                append_side(kh, k, t0, sinks, d, flush_k)?;
-                append_side(vh, v, t0, sinks, d, flush_v)?;
-                l.tokens += n;
-                if let Some((q, out)) = attend {
-                    let (kh, vh) = (&*kh, &*vh);
-                    let heads_at = |i: usize| -> Vec<HeadKv<'_>> {
-                        let t = t0 + i + 1;
-                        kh.iter()
-                            .zip(vh)
-                            .map(|(ks, vs)| {
-                                let ck = cut(&prec.k, t, qk0, ks.dead, residual, sinks, d);
-                                let cv = cut(&prec.v, t, qv0, vs.dead, residual, sinks, d);
-                                HeadKv {
-                                    sink_k: &ks.sink[..ck.sinks * d],
-                                    sink_v: &vs.sink[..cv.sinks * d],
-                                    k: ks.packed.as_ref().map(|p| p.view().prefix(ck.packed)),
-                                    v: vs.packed.as_ref().map(|p| p.view().prefix(cv.packed)),
-                                    tail_k: &ks.tail[ck.tail],
-                                    tail_v: &vs.tail[cv.tail],
-                                }
-                            })
-                            .collect()
-                    };
-                    let scale = shape.softmax_scale;
-                    if n == 1 {
-                        decode_attention(q, &heads_at(0), d, scale, out)?;
-                    } else {
-                        let row = shape.q_row();
-                        q.par_chunks(row)
-                            .zip(out.par_chunks_mut(row))
-                            .enumerate()
-                            .try_for_each(|(i, (qi, oi))| decode_attention_serial(qi, &heads_at(i), d, scale, oi))?;
-                    }
-                }
-                retire(kh, d, flush_k);
-                retire(vh, d, flush_v);
+        let sinks = l.sinks;
+        let qk0 = prec.k.quantized_tokens(t0, residual, sinks);
+        let qv0 = prec.v.quantized_tokens(t0, residual, sinks);
+        let flush_k = prec.k.quantized_tokens(t0 + n, residual, sinks) - qk0;
+        let flush_v = prec.v.quantized_tokens(t0 + n, residual, sinks) - qv0;
+        append_side(&mut l.k, k, t0, sinks, d, flush_k)?;
+        append_side(&mut l.v, v, t0, sinks, d, flush_v)?;
+        l.tokens += n;
+        if let Some((q, out)) = attend {
+            let (kh, vh) = (&l.k, &l.v);
+            let heads_at = |i: usize| -> Vec<HeadKv<'_>> {
+                let t = t0 + i + 1;
+                kh.iter()
+                    .zip(vh)
+                    .map(|(ks, vs)| {
+                        let ck = cut(&prec.k, t, qk0, ks.dead, residual, sinks, d);
+                        let cv = cut(&prec.v, t, qv0, vs.dead, residual, sinks, d);
+                        HeadKv {
+                            sink_k: &ks.sink[..ck.sinks * d],
+                            sink_v: &vs.sink[..cv.sinks * d],
+                            k: ks.packed.as_ref().map(|p| p.view().prefix(ck.packed)),
+                            v: vs.packed.as_ref().map(|p| p.view().prefix(cv.packed)),
+                            tail_k: &ks.tail[ck.tail],
+                            tail_v: &vs.tail[cv.tail],
+                        }
+                    })
+                    .collect()
+            };
+            let scale = shape.softmax_scale;
+            if n == 1 {
+                decode_attention(q, &heads_at(0), d, scale, out)?;
+            } else {
+                let row = shape.q_row();
+                q.par_chunks(row)
+                    .zip(out.par_chunks_mut(row))
+                    .enumerate()
+                    .try_for_each(|(i, (qi, oi))| decode_attention_serial(qi, &heads_at(i), d, scale, oi))?;
             }
         }
+        retire(&mut l.k, d, flush_k);
+        retire(&mut l.v, d, flush_v);
         Ok(())
     }
 
@@ -357,34 +328,26 @@ impl KvCache for QuantizedCache {
 
     fn memory(&self) -> MemoryReport {
         let d = self.shape.head_dim;
+        let sum = |hs: &[HeadSide]| {
+            hs.iter().fold((0, 0, 0), |(c, m, f), s| {
+                let (pc, pm) = s.packed.as_ref().map_or((0, 0), |p| (p.code_bytes(), p.meta_bytes()));
+                (c + pc, m + pm, f + (s.sink.len() + s.live_tail(d).len()) * EXACT_BYTES)
+            })
+        };
         let layers: Vec<LayerMemory> = self
             .layers
             .iter()
-            .map(|l| match &l.store {
-                LayerStore::Exact { k, v } => LayerMemory {
-                    k_full_bytes: k.len() * EXACT_BYTES,
-                    v_full_bytes: v.len() * EXACT_BYTES,
+            .map(|l| {
+                let (kc, km, kf) = sum(&l.k);
+                let (vc, vm, vf) = sum(&l.v);
+                LayerMemory {
+                    k_code_bytes: kc,
+                    k_meta_bytes: km,
+                    k_full_bytes: kf,
+                    v_code_bytes: vc,
+                    v_meta_bytes: vm,
+                    v_full_bytes: vf,
                     tokens: l.tokens,
-                    ..Default::default()
-                },
-                LayerStore::Mixed { k, v } => {
-                    let sum = |hs: &[HeadSide]| {
-                        hs.iter().fold((0, 0, 0), |(c, m, f), s| {
-                            let (pc, pm) = s.packed.as_ref().map_or((0, 0), |p| (p.code_bytes(), p.meta_bytes()));
-                            (c + pc, m + pm, f + (s.sink.len() + s.live_tail(d).len()) * EXACT_BYTES)
-                        })
-                    };
-                    let (kc, km, kf) = sum(k);
-                    let (vc, vm, vf) = sum(v);
-                    LayerMemory {
-                        k_code_bytes: kc,
-                        k_meta_bytes: km,
-                        k_full_bytes: kf,
-                        v_code_bytes: vc,
-                        v_meta_bytes: vm,
-                        v_full_bytes: vf,
-                        tokens: l.tokens,
-                    }
                 }
             })
             .collect();
@@ -395,20 +358,12 @@ impl KvCache for QuantizedCache {
     fn clear(&mut self) {
         for l in &mut self.layers {
             l.tokens = 0;
-            match &mut l.store {
-                LayerStore::Exact { k, v } => {
-                    k.clear();
-                    v.clear();
-                }
-                LayerStore::Mixed { k, v } => {
-                    for s in k.iter_mut().chain(v.iter_mut()) {
-                        s.sink.clear();
-                        s.tail.clear();
-                        s.dead = 0;
-                        if let Some(p) = &mut s.packed {
-                            p.clear();
-                        }
-                    }
+            for s in l.k.iter_mut().chain(l.v.iter_mut()) {
+                s.sink.clear();
+                s.tail.clear();
+                s.dead = 0;
+                if let Some(p) = &mut s.packed {
+                    p.clear();
                 }
             }
         }

@@ -66,7 +66,8 @@ fn parallel_equals_stepwise_on_every_layout() {
 #[test]
 fn reusing_a_cache_across_windows_equals_a_fresh_cache() {
     let lm = ToyLm::small(8);
-    let spec = CacheSpec::Quant(QuantCacheConfig::split(lm.n_layers, Bits::B3, Bits::B2).with_residual(4).with_sinks(1));
+    let layer = LayerPrecision::new(prec(Bits::B3, 16, GroupAxis::PerToken), prec(Bits::B2, 16, GroupAxis::PerToken));
+    let spec = CacheSpec::Quant(QuantCacheConfig::uniform(lm.n_layers, layer).with_residual(4).with_sinks(1));
     let mut rng = SplitMix(17);
     let w1: Vec<u32> = (0..40).map(|_| rng.range(0, 64) as u32).collect();
     let w2: Vec<u32> = (0..40).map(|_| rng.range(0, 64) as u32).collect();

@@ -1,6 +1,6 @@
 //! GPU results against the host twins of `cuda::reference` (which `tests/cuda_reference.rs` ties to the CPU
 //! kernels): packing and dequantization bit for bit, streaming appends bit for bit, fused and baseline attention to
-//! 1e-5 (f32 queries) or 1e-3 (f16 and bf16) relative, at awkward sizes. Outputs are poisoned before each run.
+//! 1e-5 (f32 queries and outputs), 1e-3 (f16) or 5e-3 (bf16, 8 significant bits) relative, at awkward sizes. Outputs are poisoned before each run.
 //! Each test prints SKIPPED and passes where there is no CUDA driver, device or NVRTC.
 
 #![cfg(feature = "cuda")]
@@ -172,7 +172,13 @@ fn run_case(k: &Arc<CudaKernels>, case: &Case, seed: u64) {
             adaquant_kernels::cuda::from_dtype_bytes(&adaquant_kernels::cuda::to_dtype_bytes(&q, dtype), dtype);
         let fused = cache.attend(&q, dtype, hq, scale).unwrap();
         let base = f16kv.attend(&q, dtype, hq, scale).unwrap();
-        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-3 };
+        // f32 accumulation is checked to 1e-5; f16 outputs to 1e-3 (half an f16 step is 4.9e-4); bf16 outputs
+        // carry only 8 significant bits, so one rounding alone reaches 2e-3.
+        let tol = match dtype {
+            DType::F32 => 1e-5,
+            DType::F16 => 1e-3,
+            DType::Bf16 => 5e-3,
+        };
         for (b, &t) in case.lens.iter().enumerate() {
             let kv = host_view(&keys[b], t, h, d, &cfg, &case.k);
             let vv = host_view(&values[b], t, h, d, &cfg, &case.v);

@@ -149,7 +149,7 @@ __device__ __forceinline__ void adq_attn_split_impl(const AdqAttnParams& p, cons
                                                     const ExactT* k_sink, const ExactT* v_sink,
                                                     const ExactT* k_tail, const ExactT* v_tail, float* part_acc,
                                                     float* part_ml) {
-    extern __shared__ float4 adq_smem4[];
+    ADQ_DYNAMIC_SMEM(adq_smem4);
     u8* smem = (u8*)adq_smem4;
     float* tile_f = (float*)(smem + ADQ_SMEM_TILE_OFF);
     u8* tile_k = smem + ADQ_SMEM_TILE_OFF;

@@ -19,6 +19,22 @@ typedef long long i64;
 // ---------------------------------------------------------------------------------------------------------------
 // Scalar conversions.
 
+#ifdef ADQ_EMULATE
+// CPU emulation (emulate.h): the compiler's _Float16 rounds to nearest even like the PTX instructions.
+__device__ __forceinline__ float adq_f16_to_f32(u16 h) {
+    _Float16 x;
+    std::memcpy(&x, &h, 2);
+    return (float)x;
+}
+__device__ __forceinline__ u16 adq_f32_to_f16(float f) {
+    _Float16 x = (_Float16)f;
+    u16 h;
+    std::memcpy(&h, &x, 2);
+    return h;
+}
+// Dynamic shared memory of the running block.
+#define ADQ_DYNAMIC_SMEM(name) float4* name = adq_emu_smem()
+#else
 __device__ __forceinline__ float adq_f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -31,6 +47,9 @@ __device__ __forceinline__ u16 adq_f32_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+// Dynamic shared memory of the running block.
+#define ADQ_DYNAMIC_SMEM(name) extern __shared__ float4 name[]
+#endif
 
 __device__ __forceinline__ float adq_bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
 
