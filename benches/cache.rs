@@ -1,5 +1,6 @@
 //! Criterion benchmarks of the KV caches: append throughput and one decode step of attention through the cache,
-//! for K4V2 and K8V8 quantized caches (group 64, 128 exact recent tokens) against the f32 full-precision cache, at
+//! for K4V2 and K8V8 quantized caches (per-token groups of 64, 128 exact recent tokens) and K4V2 with KIVI's
+//! per-channel keys, against the f32 full-precision cache, at
 //! 4K and 32K tokens of context, with SmolLM2-135M's attention shape (9 query heads, 3 KV heads, head_dim 64), one
 //! layer.
 //!
@@ -47,6 +48,9 @@ impl AnyCache {
             "f32" => AnyCache::Full(FullPrecisionCache::new(s).unwrap()),
             "K4V2" => AnyCache::Quant(QuantizedCache::new(s, QuantCacheConfig::split(1, Bits::B4, Bits::B2)).unwrap()),
             "K8V8" => AnyCache::Quant(QuantizedCache::new(s, QuantCacheConfig::split(1, Bits::B8, Bits::B8)).unwrap()),
+            "K4V2-kivi" => {
+                AnyCache::Quant(QuantizedCache::new(s, QuantCacheConfig::kivi(1, Bits::B4, Bits::B2)).unwrap())
+            }
             _ => unreachable!("unknown cache {name}"),
         }
     }
@@ -77,7 +81,7 @@ impl AnyCache {
     }
 }
 
-const CACHES: [&str; 3] = ["f32", "K4V2", "K8V8"];
+const CACHES: [&str; 4] = ["f32", "K4V2", "K8V8", "K4V2-kivi"];
 
 fn append(c: &mut Criterion) {
     let kr = shape().kv_row();

@@ -46,10 +46,10 @@ pub struct AnalyzeArgs {
     #[arg(long, default_value_t = 64)]
     pub group: usize,
     /// Query positions (spread over the second half of the text) for the attention-output error; 0 disables it.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 16)]
     pub attn_queries: usize,
-    /// Tokens per forward call.
-    #[arg(long, default_value_t = 512)]
+    /// Tokens per forward call (smaller calls use less memory; one call is fastest).
+    #[arg(long, default_value_t = 2048)]
     pub chunk: usize,
     /// Skip the plots (JSON and Markdown only).
     #[arg(long)]
@@ -68,8 +68,8 @@ impl Default for AnalyzeArgs {
             pre_rope: false,
             bits: vec![Bits::B1, Bits::B1_58, Bits::B2, Bits::B3, Bits::B4, Bits::B5, Bits::B6, Bits::B8],
             group: 64,
-            attn_queries: 32,
-            chunk: 512,
+            attn_queries: 16,
+            chunk: 2048,
             no_plots: false,
         }
     }

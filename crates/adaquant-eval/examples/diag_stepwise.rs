@@ -10,6 +10,9 @@ fn main() {
     let tokens = model.encode(&text[..4000], false).unwrap();
     let window = &tokens[100..132];
     let first = 16;
+    let mut fp = CacheSpec::FullF32.build(model.cache_shape(64)).unwrap();
+    let full = window_logprobs(&model, fp.as_mut(), window, first).unwrap();
+    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     for spec in std::env::args().skip(1) {
         let spec: CacheSpec = spec.parse().unwrap();
         let mut a = spec.build(model.cache_shape(64)).unwrap();
@@ -21,6 +24,6 @@ fn main() {
             let d = par[r * v..(r + 1) * v].iter().zip(&step[r * v..(r + 1) * v]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
             print!("{d:.1e} ");
         }
-        println!(" <- {}", a.describe());
+        println!(" <- {}: parallel vs f32 {:.2e}, stepwise vs f32 {:.2e}", a.describe(), dist(&par, &full), dist(&step, &full));
     }
 }

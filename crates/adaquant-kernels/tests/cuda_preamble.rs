@@ -124,7 +124,9 @@ fn every_adq_name_in_the_kernels_is_defined() {
             known.insert(name);
         }
     }
-    for src in [layout::COMMON_SOURCE, layout::QUANT_SOURCE, layout::ATTN_SOURCE] {
+    // emulate.h defines ADQ_EMULATE for the CPU emulation of tests/cuda_emulated.rs.
+    let emulate = include_str!("../src/cuda/emulate.h");
+    for src in [layout::COMMON_SOURCE, layout::QUANT_SOURCE, layout::ATTN_SOURCE, emulate] {
         for line in src.lines().map(str::trim_start).filter(|l| l.starts_with("#define ")) {
             let name = line["#define ".len()..].split(|c: char| c == '(' || c.is_whitespace()).next().unwrap();
             known.insert(name.to_string());

@@ -25,7 +25,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         model.forward(&tokens[w * window..(w + 1) * window], &mut cache, &mut ForwardOptions::new(LogitsRange::All))?;
     }
     let dt = t.elapsed().as_secs_f64();
-    println!("prefill: {} tokens in {window}-token windows, all logits: {dt:.2} s = {:.0} tokens/s", windows * window, (windows * window) as f64 / dt);
+    println!(
+        "prefill: {} tokens in {window}-token windows, all logits: {dt:.2} s = {:.0} tokens/s",
+        windows * window,
+        (windows * window) as f64 / dt
+    );
     cache.clear_all();
     model.forward(&tokens[..16], &mut cache, &mut ForwardOptions::new(LogitsRange::Last))?;
     let steps = 128;

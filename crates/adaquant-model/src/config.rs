@@ -71,17 +71,20 @@ impl ModelConfig {
                 return Err(ModelError::InvalidConfig(format!("{name} = {v} is implausibly large")));
             }
         }
-        if self.n_q_heads % self.n_kv_heads != 0 {
+        if !self.n_q_heads.is_multiple_of(self.n_kv_heads) {
             return Err(ModelError::InvalidConfig(format!(
                 "n_q_heads ({}) must be a multiple of n_kv_heads ({})",
                 self.n_q_heads, self.n_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(ModelError::InvalidConfig(format!("head_dim {} must be even for RoPE", self.head_dim)));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            return Err(ModelError::InvalidConfig(format!("rope_theta {} must be a finite number above 1", self.rope_theta)));
+            return Err(ModelError::InvalidConfig(format!(
+                "rope_theta {} must be a finite number above 1",
+                self.rope_theta
+            )));
         }
         if !(self.rms_eps.is_finite() && self.rms_eps > 0.0) {
             return Err(ModelError::InvalidConfig(format!("rms_eps {} must be positive", self.rms_eps)));
@@ -129,17 +132,12 @@ impl ModelConfig {
         let hidden = uint("embedding_length")?;
         let ffn = uint("feed_forward_length")?;
         let n_q_heads = uint("attention.head_count")?;
-        let n_kv_heads = if g.get(&key("attention.head_count_kv")).is_some() {
-            uint("attention.head_count_kv")?
-        } else {
-            n_q_heads
-        };
+        let n_kv_heads =
+            if g.get(&key("attention.head_count_kv")).is_some() { uint("attention.head_count_kv")? } else { n_q_heads };
         let head_dim = if g.get(&key("attention.key_length")).is_some() {
             uint("attention.key_length")?
-        } else if n_q_heads > 0 {
-            hidden / n_q_heads
         } else {
-            0
+            hidden.checked_div(n_q_heads).unwrap_or(0)
         };
         let vocab = match g.get(&key("vocab_size")) {
             Some(_) => uint("vocab_size")?,
@@ -151,10 +149,11 @@ impl ModelConfig {
         };
         let max_seq_len = uint("context_length")?;
         let rope_theta = float("rope.freq_base")?.unwrap_or(10000.0);
-        let rms_eps =
-            float("attention.layer_norm_rms_epsilon")?.ok_or_else(|| missing(&key("attention.layer_norm_rms_epsilon")))?;
-        let tok_id =
-            |k: &str| g.get(k).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < vocab);
+        let rms_eps = float("attention.layer_norm_rms_epsilon")?
+            .ok_or_else(|| missing(&key("attention.layer_norm_rms_epsilon")))?;
+        let tok_id = |k: &str| {
+            g.get(k).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < vocab)
+        };
         let cfg = ModelConfig {
             arch,
             n_layers,
@@ -196,10 +195,8 @@ impl ModelConfig {
         };
         let head_dim = if j.get("head_dim").is_some_and(|v| !v.is_null()) {
             uint("head_dim")?
-        } else if n_q_heads > 0 {
-            hidden / n_q_heads
         } else {
-            0
+            hidden.checked_div(n_q_heads).unwrap_or(0)
         };
         let float = |k: &str, default: f64| -> Result<f32> {
             match j.get(k) {

@@ -8,6 +8,9 @@ use anyhow::Context;
 
 use crate::{ForwardOptions, LogitsRange, Model, Result};
 
+/// Turns a `--cache` specification and a cache shape into a cache.
+pub type CacheBuilder = dyn Fn(&str, CacheShape) -> anyhow::Result<Box<dyn KvCache>>;
+
 /// Arguments of `adaquant generate`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct GenerateArgs {
@@ -83,7 +86,13 @@ pub fn generate_tokens(
 }
 
 /// Greedy generation from text: applies the chat template when `chat`, tokenizes, decodes.
-pub fn generate_text(model: &Model, prompt: &str, chat: bool, max_tokens: usize, cache: &mut dyn KvCache) -> Result<Generation> {
+pub fn generate_text(
+    model: &Model,
+    prompt: &str,
+    chat: bool,
+    max_tokens: usize,
+    cache: &mut dyn KvCache,
+) -> Result<Generation> {
     let text = if chat { model.tokenizer().apply_chat_template(prompt)? } else { prompt.to_string() };
     let prompt_tokens = model.tokenizer().encode(&text, false)?;
     let (tokens, stopped) = generate_tokens(model, &prompt_tokens, max_tokens, cache, |_| {})?;
@@ -109,10 +118,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
 
 /// `adaquant generate`, with `make_cache` turning the `--cache` specification (default `f32`) and the model's
 /// cache shape into a cache; the eval program passes a builder that also knows the quantized caches.
-pub fn run_with(
-    args: &GenerateArgs,
-    make_cache: &dyn Fn(&str, CacheShape) -> anyhow::Result<Box<dyn KvCache>>,
-) -> anyhow::Result<()> {
+pub fn run_with(args: &GenerateArgs, make_cache: &CacheBuilder) -> anyhow::Result<()> {
     let path = args.model.clone().unwrap_or_else(crate::paths::default_model);
     let t0 = std::time::Instant::now();
     let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
@@ -122,7 +128,12 @@ pub fn run_with(
     let max_len = (prompt.len() + args.max_tokens + 1).min(model.config.max_seq_len.max(prompt.len() + 1));
     let spec = args.cache.as_deref().unwrap_or("f32");
     let mut cache = make_cache(spec, model.cache_shape(max_len))?;
-    eprintln!("model {} loaded in {load_s:.1} s; cache {}; prompt {} tokens", path.display(), cache.describe(), prompt.len());
+    eprintln!(
+        "model {} loaded in {load_s:.1} s; cache {}; prompt {} tokens",
+        path.display(),
+        cache.describe(),
+        prompt.len()
+    );
     let mut stdout = std::io::stdout();
     let mut prev = String::new();
     let mut all = Vec::new();

@@ -197,7 +197,8 @@ impl<'a> Reader<'a> {
         let n = self.u64(what)?;
         let max = (self.remaining() / min_item.max(1)) as u64;
         if n > max {
-            return self.err(format!("{what} is {n}, but only {} bytes remain (at most {max} items fit)", self.remaining()));
+            return self
+                .err(format!("{what} is {n}, but only {} bytes remain (at most {max} items fit)", self.remaining()));
         }
         Ok(n as usize)
     }
@@ -213,7 +214,7 @@ impl<'a> Reader<'a> {
         match ty {
             0 | 1 | 7 => 1,
             2 | 3 => 2,
-            4 | 5 | 6 => 4,
+            4..=6 => 4,
             8 | 10 | 11 | 12 => 8,
             9 => 12,
             _ => 1,
@@ -327,20 +328,21 @@ impl Gguf {
             let Ok(offset) = usize::try_from(offset) else {
                 return r.err(format!("tensor `{name}` offset {offset} overflows"));
             };
-            if offset % alignment != 0 {
-                return r.err(format!("tensor `{name}` offset {offset} is not a multiple of the alignment {alignment}"));
+            if !offset.is_multiple_of(alignment) {
+                return r
+                    .err(format!("tensor `{name}` offset {offset} is not a multiple of the alignment {alignment}"));
             }
             if !names.insert(name.clone()) {
                 return r.err(format!("duplicate tensor name `{name}`"));
             }
             tensors.push(TensorInfo { name, dims, type_id, offset, n_elements });
         }
-        let data_offset = r.pos.div_ceil(alignment).checked_mul(alignment).unwrap_or(usize::MAX);
+        let data_offset = r.pos.div_ceil(alignment).saturating_mul(alignment);
         let file_len = bytes.len();
         for t in &tensors {
             // Unknown types are reported when the tensor is read, so a file with one exotic tensor still opens.
             let Some(ty) = GgmlType::from_id(t.type_id) else { continue };
-            if t.dims[0] % ty.block_elems() != 0 {
+            if !t.dims[0].is_multiple_of(ty.block_elems()) {
                 return Err(ModelError::Gguf {
                     offset: data_offset,
                     msg: format!(
@@ -386,7 +388,9 @@ impl Gguf {
         let size = ty.bytes_for(t.n_elements);
         let start = self.data_offset.checked_add(t.offset);
         match (start, size) {
-            (Some(s), Some(n)) if bytes.len() == self.file_len && s.checked_add(n).is_some_and(|e| e <= bytes.len()) => {
+            (Some(s), Some(n))
+                if bytes.len() == self.file_len && s.checked_add(n).is_some_and(|e| e <= bytes.len()) =>
+            {
                 Ok(&bytes[s..s + n])
             }
             _ => Err(ModelError::Gguf {

@@ -58,14 +58,23 @@ impl Shards {
         let st = SafeTensors::deserialize(map).map_err(|e| st_err(path, e))?;
         let t = st.tensor(name).map_err(|e| st_err(path, e))?;
         if t.shape() != shape {
-            return Err(ModelError::TensorShape { name: name.to_string(), expected: shape.to_vec(), got: t.shape().to_vec() });
+            return Err(ModelError::TensorShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: t.shape().to_vec(),
+            });
         }
         let d = t.data();
         Ok(match t.dtype() {
             Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::F16 => d.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::BF16 => d.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            other => return Err(st_err(path, format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 are read"))),
+            other => {
+                return Err(st_err(
+                    path,
+                    format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 are read"),
+                ))
+            }
         })
     }
 }

@@ -220,7 +220,11 @@ pub fn permute_rope_rows(w: &[f32], n_heads: usize, head_dim: usize, cols: usize
 
 fn expect_len(name: &str, v: Vec<f32>, shape: &[usize], expected: &[usize]) -> Result<Vec<f32>> {
     if shape != expected {
-        return Err(ModelError::TensorShape { name: name.to_string(), expected: expected.to_vec(), got: shape.to_vec() });
+        return Err(ModelError::TensorShape {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            got: shape.to_vec(),
+        });
     }
     Ok(v)
 }

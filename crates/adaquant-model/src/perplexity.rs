@@ -38,10 +38,7 @@ pub fn perplexity(
     let available = tokens.len() / window;
     let windows = max_windows.map_or(available, |m| m.min(available));
     if windows == 0 {
-        return Err(ModelError::InvalidInput(format!(
-            "{} tokens do not fill one {window}-token window",
-            tokens.len()
-        )));
+        return Err(ModelError::InvalidInput(format!("{} tokens do not fill one {window}-token window", tokens.len())));
     }
     let first = window / 2;
     let (mut sum, mut sum_sq, mut count) = (0.0f64, 0.0f64, 0usize);

@@ -15,7 +15,8 @@ use crate::{ModelError, Result};
 /// The GPT-4-style split used by Llama 3 ("llama-bpe" in GGUF) checkpoints.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's split: like Llama 3's, with every digit on its own.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A text tokenizer with the ids of its special tokens.
 pub struct Tokenizer {
@@ -46,7 +47,8 @@ impl Tokenizer {
     pub fn from_gguf(g: &Gguf) -> Result<Tokenizer> {
         let missing =
             |k: &str| ModelError::MissingKey { key: k.to_string(), source_name: "GGUF tokenizer metadata".to_string() };
-        let model = g.get("tokenizer.ggml.model").and_then(Value::as_str).ok_or_else(|| missing("tokenizer.ggml.model"))?;
+        let model =
+            g.get("tokenizer.ggml.model").and_then(Value::as_str).ok_or_else(|| missing("tokenizer.ggml.model"))?;
         if model != "gpt2" {
             return Err(ModelError::Tokenizer(format!(
                 "GGUF tokenizer model `{model}` is not supported (only gpt2-style byte-level BPE); \
@@ -84,10 +86,12 @@ impl Tokenizer {
                 return Err(ModelError::Tokenizer(format!("merge {i} `{m}` is not two tokens separated by a space")));
             }
         }
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let byte_level =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
         let byte_level_no_regex =
             json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
-        let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+        let split =
+            |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
         let pre_tokenizer = match pre {
             "smollm" => json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true}, byte_level]}),
@@ -119,9 +123,13 @@ impl Tokenizer {
         });
         let bytes = serde_json::to_vec(&doc).map_err(tok_err)?;
         let id = |k: &str| {
-            g.get(k).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < tokens.len())
+            g.get(k)
+                .and_then(Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|&v| (v as usize) < tokens.len())
         };
-        let mut t = Self::from_json_bytes(&bytes, id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id"))?;
+        let mut t =
+            Self::from_json_bytes(&bytes, id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id"))?;
         t.chat_template = g.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string);
         Ok(t)
     }
@@ -142,7 +150,9 @@ impl Tokenizer {
         let enc = self.inner.encode(text, false).map_err(tok_err)?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_bos {
-            let bos = self.bos.ok_or_else(|| ModelError::Tokenizer("add_bos requested, but the model has no BOS token".into()))?;
+            let bos = self
+                .bos
+                .ok_or_else(|| ModelError::Tokenizer("add_bos requested, but the model has no BOS token".into()))?;
             ids.push(bos);
         }
         ids.extend_from_slice(enc.get_ids());
@@ -189,9 +199,10 @@ impl Tokenizer {
     /// ChatML templates (those using `<|im_start|>`, as SmolLM2 and Qwen2 do) are rendered natively, including the
     /// default system message a template inserts when the conversation has none. Other templates are an error.
     pub fn apply_chat_template(&self, user: &str) -> Result<String> {
-        let t = self.chat_template.as_deref().ok_or_else(|| {
-            ModelError::Tokenizer("the checkpoint has no chat template; run without --chat".into())
-        })?;
+        let t = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| ModelError::Tokenizer("the checkpoint has no chat template; run without --chat".into()))?;
         if !t.contains("<|im_start|>") {
             return Err(ModelError::Tokenizer(
                 "only ChatML chat templates (<|im_start|> ... <|im_end|>) are supported".into(),
@@ -208,9 +219,10 @@ impl Tokenizer {
 
 /// The default system message a ChatML template inserts when the first message is not a system message.
 fn default_system_message(template: &str) -> Option<&str> {
-    let start = template.find("<|im_start|>system\\n").map(|i| i + "<|im_start|>system\\n".len()).or_else(|| {
-        template.find("<|im_start|>system\n").map(|i| i + "<|im_start|>system\n".len())
-    })?;
+    let start = template
+        .find("<|im_start|>system\\n")
+        .map(|i| i + "<|im_start|>system\\n".len())
+        .or_else(|| template.find("<|im_start|>system\n").map(|i| i + "<|im_start|>system\n".len()))?;
     let rest = &template[start..];
     let end = rest.find("<|im_end|>")?;
     Some(&rest[..end])

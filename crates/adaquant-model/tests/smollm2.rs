@@ -5,9 +5,11 @@ use std::sync::OnceLock;
 
 use adaquant_cache::{FullPrecisionCache, KvCache};
 use adaquant_model::generate::generate_text;
+use adaquant_model::gguf::GgufFile;
+use adaquant_model::model::permute_rope_rows;
 use adaquant_model::paths::{default_model, require, wikitext2_test};
 use adaquant_model::perplexity::perplexity;
-use adaquant_model::{ForwardOptions, LayerHook, LayerTaps, LogitsRange, Model};
+use adaquant_model::{ForwardOptions, LayerHook, LayerTaps, LogitsRange, Model, Tokenizer};
 
 fn model(test: &str) -> Option<&'static Model> {
     static MODEL: OnceLock<Option<Model>> = OnceLock::new();
@@ -137,6 +139,40 @@ fn wikitext2_perplexity_100_windows() {
     eprintln!("wikitext-2 test, 100 windows: ppl {:.4} +/- {:.4}; window nll {:?}", p.ppl, p.ppl_stderr, p.window_nll);
     assert_eq!(p.scored, 100 * 255);
     assert!((p.ppl - 23.54).abs() <= 0.3, "perplexity {} is not 23.54 +/- 0.3", p.ppl);
+}
+
+/// The first 8 windows (4096 tokens) of the same protocol, in the default test run. The pinned 24.497 is this
+/// implementation's value on those windows in the 100-window run that matches llama.cpp (23.47 vs 23.54, see
+/// docs/MODEL.md). The 1% tolerance covers summation order and thread-count differences, which move perplexity
+/// by well under 0.1%; real defects move it far more (the wrong RoPE convention gives hundreds, a dropped
+/// bias, eps or an off-by-one in the scored positions several percent).
+#[test]
+fn wikitext2_perplexity_first_8_windows() {
+    let Some(m) = model("wikitext2_perplexity_first_8_windows") else { return };
+    let Some(tokens) = wikitext_tokens(m, "wikitext2_perplexity_first_8_windows") else { return };
+    let mut cache = FullPrecisionCache::new(m.cache_shape(512)).unwrap();
+    let p = perplexity(m, &tokens, 512, Some(8), &mut cache).unwrap();
+    assert_eq!((p.windows, p.scored), (8, 8 * 255));
+    assert!((p.ppl - 24.497).abs() <= 0.01 * 24.497, "perplexity of the first 8 windows is {}", p.ppl);
+}
+
+/// Keeping GGUF's adjacent-pair Q/K row order while rotating halves (the wrong convention) must wreck the model.
+#[test]
+fn wrong_rope_convention_wrecks_perplexity() {
+    let Some(m) = model("wrong_rope_convention_wrecks_perplexity") else { return };
+    let Some(tokens) = wikitext_tokens(m, "wrong_rope_convention_wrecks_perplexity") else { return };
+    let c = &m.config;
+    let mut w = m.weights().clone();
+    for l in &mut w.layers {
+        l.wq = permute_rope_rows(&l.wq, c.n_q_heads, c.head_dim, c.hidden);
+        l.wk = permute_rope_rows(&l.wk, c.n_kv_heads, c.head_dim, c.hidden);
+    }
+    let header = GgufFile::open(&default_model()).unwrap().header;
+    let wrong = Model::from_parts(c.clone(), w, Tokenizer::from_gguf(&header).unwrap()).unwrap();
+    let mut cache = FullPrecisionCache::new(m.cache_shape(512)).unwrap();
+    let right = perplexity(m, &tokens, 512, Some(1), &mut cache).unwrap().ppl;
+    let bad = perplexity(&wrong, &tokens, 512, Some(1), &mut cache).unwrap().ppl;
+    assert!(right < 30.0 && bad > 100.0, "right convention {right}, wrong convention {bad}");
 }
 
 #[test]

@@ -159,9 +159,7 @@ fn reference_logits(m: &Tiny, tokens: &[u32]) -> Vec<Vec<f32>> {
                 let qh = &q[hq * HD..(hq + 1) * HD];
                 let scores: Vec<f64> = keys[li]
                     .iter()
-                    .map(|k| {
-                        (0..HD).map(|d| qh[d] as f64 * k[kvh * HD + d] as f64).sum::<f64>() / (HD as f64).sqrt()
-                    })
+                    .map(|k| (0..HD).map(|d| qh[d] as f64 * k[kvh * HD + d] as f64).sum::<f64>() / (HD as f64).sqrt())
                     .collect();
                 let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
@@ -248,10 +246,8 @@ fn write_hf(m: &Tiny, model_type: &str, name: &str) -> PathBuf {
     }
     let half = tensors.len() / 2;
     for (shard, part) in [&tensors[..half], &tensors[half..]].iter().enumerate() {
-        let views: Vec<(String, TensorView<'_>)> = part
-            .iter()
-            .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
-            .collect();
+        let views: Vec<(String, TensorView<'_>)> =
+            part.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
         let bytes = safetensors::serialize(views, None).unwrap();
         std::fs::write(dir.join(format!("model-0000{}-of-00002.safetensors", shard + 1)), bytes).unwrap();
     }

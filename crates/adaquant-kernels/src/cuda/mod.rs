@@ -10,6 +10,10 @@
 //!
 //! Without the `cuda` feature, the same names exist and every constructor returns [`Error::CudaNotCompiled`].
 //!
+//! [`reference`] holds the host twins every GPU result is compared with; `emulate.h` lets the real kernel sources
+//! run on the CPU (`tests/cuda_emulated.rs`), so their indexing is tested on machines without a GPU.
+//! `docs/CUDA.md` describes the layout, the tests and the GPU check bundle (`cargo xtask gpu-check`).
+//!
 //! [`Error::Cuda`]: crate::Error::Cuda
 //! [`Error::CudaNotCompiled`]: crate::Error::CudaNotCompiled
 
