@@ -346,7 +346,10 @@ impl Report {
                 (0..cols).map(|c| if c % hd == 0 { format!("h{}", c / hd) } else { String::new() }).collect();
             out.extend(plot::heatmap(
                 &Heatmap {
-                    title: "max |K| per channel (post-RoPE unless --pre-rope), by layer".into(),
+                    title: format!(
+                        "max |K| per channel ({} RoPE), by layer",
+                        if self.calibration.as_ref().is_some_and(|c| c.pre_rope) { "before" } else { "after" }
+                    ),
                     x_label: "channel (KV heads side by side)".into(),
                     y_label: "layer".into(),
                     col_names,
@@ -372,7 +375,7 @@ impl Report {
                         .map(|l| l.activations.as_ref().map(|a| a.quant.iter().map(f).collect()).unwrap_or_default())
                         .collect()
                 };
-                let names: Vec<String> = widths.iter().map(|b| plot::format_value(*b)).collect();
+                let names: Vec<String> = widths.iter().map(|b| bits_label(*b)).collect();
                 let k_rel: fn(&crate::study::QuantError) -> f64 = |q| q.k_rel;
                 let v_rel: fn(&crate::study::QuantError) -> f64 = |q| q.v_rel;
                 for (name, f) in [("k", k_rel), ("v", v_rel)] {
@@ -533,7 +536,7 @@ impl Report {
                     s,
                     "Relative error of quantizing one layer's K (or V) alone, ||X - Q(X)||_F / ||X||_F, and in brackets the relative error it causes in that layer's attention output.\n"
                 );
-                let head: Vec<String> = first.quant.iter().map(|q| plot::format_value(q.bits)).collect();
+                let head: Vec<String> = first.quant.iter().map(|q| bits_label(q.bits)).collect();
                 let _ = writeln!(
                     s,
                     "| layer | {} |",
@@ -588,6 +591,15 @@ impl LayerReport {
 
 fn k_heads(h: &crate::study::HeadedStats) -> Vec<&[f64]> {
     h.heads.iter().map(|s| s.singular_values.as_slice()).collect()
+}
+
+/// "4" for 4 bits, "1.58" for ternary.
+fn bits_label(b: f64) -> String {
+    if b.fract() == 0.0 {
+        format!("{b:.0}")
+    } else {
+        format!("{b}")
+    }
 }
 
 fn idx(n: usize) -> Vec<f64> {

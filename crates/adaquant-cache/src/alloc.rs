@@ -324,9 +324,19 @@ pub fn greedy_bits(sens: &[f64], total: f64, widths: &[Bits], cost: WidthCost) -
 /// a bit: O(matrices x budget x widths) time.
 pub fn optimal_bits(sens: &[f64], total: f64, widths: &[Bits], cost: WidthCost, exact: bool) -> Result<Vec<Bits>> {
     let w = prepare(sens, total, widths, cost)?;
+    let n = sens.len();
+    let ceiling = n as f64 * cost.of(*w.last().expect("prepare checks for widths"));
+    if total > ceiling + TOL {
+        if exact {
+            return Err(CacheError::Allocation(format!(
+                "a budget of {total:.4} bits is more than {n} matrices at the widest width can spend ({ceiling:.4})"
+            )));
+        }
+        // More budget than the widest widths use: the table only needs to reach the ceiling.
+        return optimal_bits(sens, ceiling, &w, cost, false);
+    }
     let units: Vec<usize> = w.iter().map(|&b| (cost.of(b) * UNITS_PER_BIT).round() as usize).collect();
     let budget = (total * UNITS_PER_BIT + TOL).floor().max(0.0) as usize;
-    let n = sens.len();
     let mut dp = vec![f64::INFINITY; budget + 1];
     dp[0] = 0.0;
     // choice[i][u]: width index of matrix i in the best allocation of matrices 0..=i costing exactly u.
@@ -744,6 +754,13 @@ mod tests {
         let p = BitPolicy::PerLayer { k: vec![Bits::B4; 3], v: vec![Bits::B2; 2] };
         assert!(matches!(p.allocate(3), Err(CacheError::Field { field, .. }) if field == "v"));
         assert!(serde_json::from_str::<BitBudget>(r#"{"avg_bits": 4, "widths": [1, 7]}"#).is_err());
+        // A budget beyond the widest width saturates instead of sizing a table by the budget.
+        for solver in [Solver::Greedy, Solver::GreedyExact, Solver::Optimal] {
+            let mut b = BitBudget::new(1e12);
+            b.solver = solver;
+            let a = b.solve(&sens).unwrap();
+            assert!(a.k.iter().chain(&a.v).all(|&x| x == Bits::B8), "{solver:?}");
+        }
     }
 
     #[test]

@@ -20,9 +20,9 @@ use crate::sweep::{
 };
 use crate::tasks::PasskeySpec;
 
-/// Windows of the default sweep: 16 x 512 tokens (4,080 scored tokens per point) keeps the default sweep of seven
+/// Windows of the default sweep: 8 x 512 tokens (2,040 scored tokens per point) keeps the default sweep of seven
 /// points under ten minutes on two cores.
-pub const DEFAULT_WINDOWS: usize = 16;
+pub const DEFAULT_WINDOWS: usize = 8;
 
 /// The paper's key points (K bits : V bits).
 pub const PAPER_PAIRS: &str = "8:8,4:4,4:2,2:4,2:2";

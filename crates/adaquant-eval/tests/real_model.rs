@@ -4,18 +4,38 @@ use adaquant_cache::{CacheSpec, LayerPrecision, Precision, QuantCacheConfig};
 use adaquant_eval::lm::{LanguageModel, WeightNorm};
 use adaquant_eval::metrics::{window_logprobs, window_logprobs_stepwise};
 use adaquant_kernels::{Bits, GroupAxis, QuantSpec};
-use adaquant_model::{paths, Model};
+use adaquant_model::{paths, ForwardOptions, LayerHook, LayerTaps, LogitsRange, Model};
 
 fn prec(bits: Bits, group: usize, axis: GroupAxis) -> Precision {
     Precision::Quant(QuantSpec::new(bits, group, axis))
 }
 
+/// Captures each layer's queries, keys and values of one forward.
+struct Capture(Vec<(Vec<f32>, Vec<f32>, Vec<f32>)>);
+
+impl LayerHook for Capture {
+    fn on_layer(&mut self, layer: usize, taps: &LayerTaps<'_>) {
+        let e = &mut self.0[layer];
+        e.0.extend_from_slice(taps.q);
+        e.1.extend_from_slice(taps.k);
+        e.2.extend_from_slice(taps.v);
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max)
+}
+
+/// End to end, the f32 cache gives the same log-probabilities from one forward and from token-by-token decoding.
+/// With a quantized cache the two agree only as well as the model's keys and values agree between a batched and a
+/// single-token forward (about 1e-6 relative): a value that close to a rounding boundary can land on another code,
+/// so the end-to-end comparison is made on the cache itself with the real model's activations below.
 #[test]
 fn parallel_equals_stepwise_on_the_real_model() {
-    let Some(model_path) = paths::require(paths::default_model(), "parallel_equals_stepwise_on_the_real_model") else {
-        return;
-    };
-    let Some(text_path) = paths::require(paths::wikitext2_test(), "parallel_equals_stepwise_on_the_real_model") else {
+    let name = "parallel_equals_stepwise_on_the_real_model";
+    let (Some(model_path), Some(text_path)) =
+        (paths::require(paths::default_model(), name), paths::require(paths::wikitext2_test(), name))
+    else {
         return;
     };
     let model = Model::load(&model_path).unwrap();
@@ -23,26 +43,52 @@ fn parallel_equals_stepwise_on_the_real_model() {
     let tokens = model.encode(&text[..4000], false).unwrap();
     let window = &tokens[100..148];
     let first = 24;
-    let n = model.config.n_layers;
-    let (tok, chan) = (GroupAxis::PerToken, GroupAxis::PerChannel);
-    let configs = [
-        QuantCacheConfig { layers: vec![LayerPrecision::new(prec(Bits::B4, 64, tok), prec(Bits::B2, 64, tok)); n], residual: 8, sinks: 2 },
-        QuantCacheConfig { layers: vec![LayerPrecision::new(prec(Bits::B2, 16, chan), prec(Bits::B4, 32, tok)); n], residual: 16, sinks: 0 },
-        QuantCacheConfig { layers: vec![LayerPrecision::new(prec(Bits::B3, 32, tok), prec(Bits::B1_58, 16, chan)); n], residual: 0, sinks: 1 },
-    ];
+    let mut a = CacheSpec::FullF32.build(model.cache_shape(64)).unwrap();
+    let mut b = CacheSpec::FullF32.build(model.cache_shape(64)).unwrap();
+    let par = window_logprobs(&model, a.as_mut(), window, first).unwrap();
+    let step = window_logprobs_stepwise(&model, b.as_mut(), window, first).unwrap();
+    let d = max_abs_diff(&par, &step);
+    assert!(d < 1e-4, "f32 cache: parallel and stepwise differ by {d}");
+
+    // The quantized cache on the real model's activations (shapes 9/3/64, real outlier channels): one append of the
+    // whole window equals appending token by token, on every layout, to 1e-5 in the attention outputs.
+    let n_layers = model.config.n_layers;
+    let mut cap = Capture(vec![Default::default(); n_layers]);
     let mut fp = CacheSpec::FullF32.build(model.cache_shape(64)).unwrap();
-    let full = window_logprobs(&model, fp.as_mut(), window, first).unwrap();
-    for config in configs {
-        let spec = CacheSpec::Quant(config);
-        let mut a = spec.build(model.cache_shape(64)).unwrap();
-        let mut b = spec.build(model.cache_shape(64)).unwrap();
-        let par = window_logprobs(&model, a.as_mut(), window, first).unwrap();
-        let step = window_logprobs_stepwise(&model, b.as_mut(), window, first).unwrap();
-        let worst = par.iter().zip(&step).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-        let vs_full = par.iter().zip(&full).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-        eprintln!("{}: parallel vs stepwise {worst:.2e}, vs f32 cache {vs_full:.2e}", a.describe());
-        assert!(worst < 1e-4, "{}: parallel and stepwise differ by {worst}", a.describe());
-        assert!(vs_full > 1e-3, "{}: quantization had no effect", a.describe());
+    model.forward(window, fp.as_mut(), &mut ForwardOptions::with_hook(LogitsRange::None, &mut cap)).unwrap();
+    let shape = model.cache_shape(64);
+    let (qr, kr) = (shape.q_row(), shape.kv_row());
+    let (tok, chan) = (GroupAxis::PerToken, GroupAxis::PerChannel);
+    let layouts = [
+        (prec(Bits::B4, 64, tok), prec(Bits::B2, 64, tok), 8, 2),
+        (prec(Bits::B2, 64, tok), prec(Bits::B4, 64, tok), 0, 0),
+        (prec(Bits::B2, 16, chan), prec(Bits::B4, 32, tok), 16, 0),
+        (prec(Bits::B3, 32, tok), prec(Bits::B1_58, 16, chan), 0, 1),
+        (prec(Bits::B8, 64, chan), prec(Bits::B8, 16, chan), 32, 4),
+    ];
+    for (k, v, residual, sinks) in layouts {
+        let spec = CacheSpec::Quant(QuantCacheConfig { layers: vec![LayerPrecision::new(k, v); n_layers], residual, sinks });
+        let mut one = spec.build(shape.clone()).unwrap();
+        let mut many = spec.build(shape.clone()).unwrap();
+        for (layer, (q, kk, vv)) in cap.0.iter().enumerate() {
+            let mut out_one = vec![0.0f32; q.len()];
+            one.append_attend(layer, q, kk, vv, &mut out_one).unwrap();
+            let mut out_many = vec![0.0f32; q.len()];
+            for t in 0..window.len() {
+                many.append_attend(
+                    layer,
+                    &q[t * qr..(t + 1) * qr],
+                    &kk[t * kr..(t + 1) * kr],
+                    &vv[t * kr..(t + 1) * kr],
+                    &mut out_many[t * qr..(t + 1) * qr],
+                )
+                .unwrap();
+            }
+            let scale = out_one.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1.0);
+            let d = max_abs_diff(&out_one, &out_many) / scale;
+            assert!(d < 1e-5, "{} layer {layer}: one append vs token by token differ by {d} (relative)", one.describe());
+        }
+        assert_eq!(one.memory(), many.memory());
     }
 }
 

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use adaquant_cache::{CacheShape, FullPrecisionCache, KvCache};
+use adaquant_cache::{CacheShape, CacheSpec, KvCache};
 use anyhow::Context;
 
 use crate::{ForwardOptions, LogitsRange, Model, Result};
@@ -26,7 +26,7 @@ pub struct GenerateArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
-    /// KV cache: `f32` (default) or `f16`; other specifications are resolved by the caller of `run_with`.
+    /// KV cache: `f32` (default), `f16`, a shorthand such as `k4v2` or `k8v4-g32-r64`, inline JSON, or a JSON file.
     #[arg(long)]
     pub cache: Option<String>,
 }
@@ -100,20 +100,23 @@ pub fn generate_text(
     Ok(Generation { prompt_tokens, tokens, text, stopped })
 }
 
-/// Builds the full-precision caches `f32` and `f16`.
-pub fn full_precision_cache(spec: &str, shape: CacheShape) -> anyhow::Result<Box<dyn KvCache>> {
-    use adaquant_cache::full::FullDtype;
-    let dtype = match spec {
-        "f32" => FullDtype::F32,
-        "f16" => FullDtype::F16,
-        other => anyhow::bail!("cache `{other}` is not a full-precision cache (f32 or f16)"),
+/// Builds the cache a `--cache` specification names: a shorthand (`f32`, `f16`, `k4v2`, `k8v4-g32-r64`, ...,
+/// see [`adaquant_cache::CacheSpec`]), a JSON spec written inline (starting with `{`), or a JSON file.
+pub fn build_cache(spec: &str, shape: CacheShape) -> anyhow::Result<Box<dyn KvCache>> {
+    let spec = spec.trim();
+    let parsed = if spec.starts_with('{') {
+        CacheSpec::from_json(spec)?
+    } else if spec.ends_with(".json") || std::path::Path::new(spec).is_file() {
+        CacheSpec::load(std::path::Path::new(spec))?
+    } else {
+        spec.parse::<CacheSpec>()?
     };
-    Ok(Box::new(FullPrecisionCache::with_dtype(shape, dtype)?))
+    Ok(parsed.build(shape)?)
 }
 
-/// `adaquant generate` with full-precision caches only (`--cache f32` or `f16`).
+/// `adaquant generate` with any cache [`build_cache`] understands.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    run_with(args, &full_precision_cache)
+    run_with(args, &build_cache)
 }
 
 /// `adaquant generate`, with `make_cache` turning the `--cache` specification (default `f32`) and the model's

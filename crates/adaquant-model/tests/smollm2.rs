@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use adaquant_cache::{FullPrecisionCache, KvCache};
-use adaquant_model::generate::generate_text;
+use adaquant_model::generate::{build_cache, generate_text};
 use adaquant_model::gguf::GgufFile;
 use adaquant_model::model::permute_rope_rows;
 use adaquant_model::paths::{default_model, require, wikitext2_test};
@@ -181,4 +181,13 @@ fn chat_answers_paris() {
     let mut cache = FullPrecisionCache::new(m.cache_shape(256)).unwrap();
     let g = generate_text(m, "What is the capital of France?", true, 24, &mut cache).unwrap();
     assert!(g.text.contains("Paris"), "answer: {:?}", g.text);
+}
+
+#[test]
+fn chat_answers_paris_through_a_quantized_cache() {
+    let Some(m) = model("chat_answers_paris_through_a_quantized_cache") else { return };
+    let mut cache = build_cache("k8v4-g32-r16", m.cache_shape(256)).unwrap();
+    let g = generate_text(m, "What is the capital of France?", true, 24, cache.as_mut()).unwrap();
+    assert!(g.text.contains("Paris"), "answer through {}: {:?}", cache.describe(), g.text);
+    assert!(cache.memory().bits_per_element() < 24.0, "{:?}", cache.memory().bits_per_element());
 }

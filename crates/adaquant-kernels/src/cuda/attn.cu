@@ -39,6 +39,7 @@ static_assert(TILE == 64, "the softmax phase gives each lane two tokens");
 static_assert(NT % TILE == 0 && NT / TILE == 2, "the score phase uses two threads per token");
 static_assert(NT % D == 0, "head_dim must divide the block size");
 static_assert(MAXG <= NT / 32 * 2, "the softmax phase gives each warp two query heads");
+static_assert(MAXG % 4 == 0, "query heads load as float4");
 static_assert(ADQ_SMEM_TILE_BYTES >= TILE * ROW * 4, "exact tile region too small");
 static_assert(ADQ_SMEM_TILE_BYTES >= 2 * PACKED_REGION, "packed tile region too small");
 static_assert(ADQ_SMEM_META_ENTRIES >= TILE * D / ADQ_MIN_GROUP, "metadata region too small");
@@ -123,6 +124,21 @@ __device__ __forceinline__ void adq_load_rows(float* dst, const ExactT* src, u32
     }
 }
 
+// Loads the first `gqa` of MAXG consecutive floats (16-byte aligned) as float4s.
+__device__ __forceinline__ void adq_load_heads(float* dst, const float* src, u32 gqa) {
+    const float4* s4 = (const float4*)src;
+#pragma unroll
+    for (u32 j = 0; j < MAXG / 4; ++j) {
+        if (4 * j < gqa) {
+            const float4 w = s4[j];
+            dst[4 * j] = w.x;
+            dst[4 * j + 1] = w.y;
+            dst[4 * j + 2] = w.z;
+            dst[4 * j + 3] = w.w;
+        }
+    }
+}
+
 __device__ __forceinline__ float adq_warp_max(float x) {
     for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
     return x;
@@ -157,7 +173,8 @@ __device__ __forceinline__ void adq_attn_split_impl(const AdqAttnParams& p, cons
     float* kmeta = (float*)(smem + ADQ_SMEM_KMETA_OFF);
     float* vmeta = (float*)(smem + ADQ_SMEM_VMETA_OFF);
     float* qs = (float*)(smem + ADQ_SMEM_Q_OFF);
-    float* sc = (float*)(smem + ADQ_SMEM_S_OFF);  // [2][MAXG][TILE] partial scores; [0] then holds probabilities.
+    float* sc = (float*)(smem + ADQ_SMEM_S_OFF);  // [2][MAXG][TILE] partial scores.
+    float* pt = sc;  // [TILE][MAXG] probabilities, written over the scores once they are read.
     float* st = (float*)(smem + ADQ_SMEM_STAT_OFF);  // m[MAXG], l[MAXG], alpha[MAXG].
 
     const u32 split = blockIdx.x;
@@ -179,10 +196,11 @@ __device__ __forceinline__ void adq_attn_split_impl(const AdqAttnParams& p, cons
     const u32 s0 = split * p.chunk;
     const u32 s1 = min(len, s0 + p.chunk);
 
-    for (u32 i = tid; i < gqa * D; i += NT) {
-        const u32 h = i / D;
-        const u32 c = i % D;
-        qs[i] = adq_load(q, ((i64)b * p.n_q_heads + hq0 + h) * D + c, p.q_dtype) * p.sm_scale;
+    // Scaled queries, channel-major ([D][MAXG]) so that one channel's heads load as float4.
+    for (u32 i = tid; i < MAXG * D; i += NT) {
+        const u32 h = i % MAXG;
+        const u32 c = i / MAXG;
+        qs[i] = h < gqa ? adq_load(q, ((i64)b * p.n_q_heads + hq0 + h) * D + c, p.q_dtype) * p.sm_scale : 0.0f;
     }
     if (tid < MAXG) {
         st[tid] = ADQ_NEG_INF;
@@ -252,42 +270,54 @@ __device__ __forceinline__ void adq_attn_split_impl(const AdqAttnParams& p, cons
                 if (p.k_axis == ADQ_AXIS_PER_CHANNEL) {
                     const i64 blk = (i64)u >> p.k_group_shift;
                     const i64 a = blk * kg * D + (u & (kg - 1));
-                    const i64 m0 = blk * D - kg_lo;
-                    for (u32 c = c_lo; c < c_lo + D / 2; ++c) {
-                        const i64 e = a + (i64)c * kg;
-                        const u32 code = adq_code_at<ADQ_K_WIDTH>(tile_k, adq_code_pos<ADQ_K_WIDTH>(e, kb0));
+                    const u32 m0 = (u32)(blk * D - kg_lo);
+                    // Code positions in the tile advance by one group of codes per channel.
+                    const u32 step = AdqWidth<ADQ_K_WIDTH>::ternary ? kg : kg * AdqWidth<ADQ_K_WIDTH>::code_bits;
+                    u32 pos = adq_code_pos<ADQ_K_WIDTH>(a + (i64)c_lo * kg, kb0);
+                    for (u32 c = c_lo; c < c_lo + D / 2; ++c, pos += step) {
+                        const u32 code = adq_code_at<ADQ_K_WIDTH>(tile_k, pos);
                         const float kv = fmaf((float)code, kmeta[m0 + c], kmeta[ADQ_SMEM_META_ENTRIES + m0 + c]);
+                        float qh[MAXG];
+                        adq_load_heads(qh, qs + c * MAXG, gqa);
 #pragma unroll
                         for (u32 h = 0; h < MAXG; ++h)
-                            if (h < gqa) s[h] = fmaf(qs[h * D + c], kv, s[h]);
+                            if (h < gqa) s[h] = fmaf(qh[h], kv, s[h]);
                     }
                 } else {
                     const i64 e0 = (i64)u * D;
-                    for (u32 c = c_lo; c < c_lo + D / 2; ++c) {
-                        const i64 e = e0 + c;
-                        const u32 code = adq_code_at<ADQ_K_WIDTH>(tile_k, adq_code_pos<ADQ_K_WIDTH>(e, kb0));
-                        const i64 m = (e >> p.k_group_shift) - kg_lo;
+                    const u32 mrow = (u32)((e0 >> p.k_group_shift) - kg_lo);
+                    const u32 step = AdqWidth<ADQ_K_WIDTH>::ternary ? 1u : AdqWidth<ADQ_K_WIDTH>::code_bits;
+                    u32 pos = adq_code_pos<ADQ_K_WIDTH>(e0 + c_lo, kb0);
+                    for (u32 c = c_lo; c < c_lo + D / 2; ++c, pos += step) {
+                        const u32 code = adq_code_at<ADQ_K_WIDTH>(tile_k, pos);
+                        const u32 m = mrow + (c >> p.k_group_shift);
                         const float kv = fmaf((float)code, kmeta[m], kmeta[ADQ_SMEM_META_ENTRIES + m]);
+                        float qh[MAXG];
+                        adq_load_heads(qh, qs + c * MAXG, gqa);
 #pragma unroll
                         for (u32 h = 0; h < MAXG; ++h)
-                            if (h < gqa) s[h] = fmaf(qs[h * D + c], kv, s[h]);
+                            if (h < gqa) s[h] = fmaf(qh[h], kv, s[h]);
                     }
                 }
             } else if (QUANT) {
                 const ExactT* row = adq_exact_row(ks, kt, u, qk, tail_end, k_ring, p.window_cap);
                 for (u32 c = c_lo; c < c_lo + D / 2; ++c) {
                     const float kv = adq_exact_to_f32(row[c]);
+                    float qh[MAXG];
+                    adq_load_heads(qh, qs + c * MAXG, gqa);
 #pragma unroll
                     for (u32 h = 0; h < MAXG; ++h)
-                        if (h < gqa) s[h] = fmaf(qs[h * D + c], kv, s[h]);
+                        if (h < gqa) s[h] = fmaf(qh[h], kv, s[h]);
                 }
             } else {
                 const float* row = tile_f + ti * ROW;
                 for (u32 c = c_lo; c < c_lo + D / 2; ++c) {
                     const float kv = row[c];
+                    float qh[MAXG];
+                    adq_load_heads(qh, qs + c * MAXG, gqa);
 #pragma unroll
                     for (u32 h = 0; h < MAXG; ++h)
-                        if (h < gqa) s[h] = fmaf(qs[h * D + c], kv, s[h]);
+                        if (h < gqa) s[h] = fmaf(qh[h], kv, s[h]);
                 }
             }
         }
@@ -295,25 +325,41 @@ __device__ __forceinline__ void adq_attn_split_impl(const AdqAttnParams& p, cons
         for (u32 h = 0; h < MAXG; ++h) sc[(half * MAXG + h) * TILE + ti] = s[h];
         __syncthreads();
 
-        // Online softmax: each warp owns query heads w and w + NT / 32.
+        // Online softmax: each warp owns query heads w and w + NT / 32. The probabilities are written token-major
+        // ([TILE][MAXG], over the partial scores) once every warp has read its scores.
         {
             const u32 warp = tid / 32;
             const u32 lane = tid % 32;
-            for (u32 h = warp; h < gqa; h += NT / 32) {
-                float v0 = lane < n ? sc[h * TILE + lane] + sc[(MAXG + h) * TILE + lane] : ADQ_NEG_INF;
-                float v1 = lane + 32 < n ? sc[h * TILE + lane + 32] + sc[(MAXG + h) * TILE + lane + 32] : ADQ_NEG_INF;
-                const float m_old = st[h];
-                const float m_new = fmaxf(m_old, adq_warp_max(fmaxf(v0, v1)));
-                const float p0 = lane < n ? expf(v0 - m_new) : 0.0f;
-                const float p1 = lane + 32 < n ? expf(v1 - m_new) : 0.0f;
-                sc[h * TILE + lane] = p0;
-                sc[h * TILE + lane + 32] = p1;
-                const float sum = adq_warp_sum(p0 + p1);
-                if (lane == 0) {
-                    const float alpha = m_old == ADQ_NEG_INF ? 0.0f : expf(m_old - m_new);
-                    st[h] = m_new;
-                    st[MAXG + h] = st[MAXG + h] * alpha + sum;
-                    st[2 * MAXG + h] = alpha;
+            float pr[2][2];
+#pragma unroll
+            for (u32 k = 0; k < 2; ++k) {
+                const u32 h = warp + k * (NT / 32);
+                pr[k][0] = 0.0f;
+                pr[k][1] = 0.0f;
+                if (h < gqa) {
+                    float v0 = lane < n ? sc[h * TILE + lane] + sc[(MAXG + h) * TILE + lane] : ADQ_NEG_INF;
+                    float v1 =
+                        lane + 32 < n ? sc[h * TILE + lane + 32] + sc[(MAXG + h) * TILE + lane + 32] : ADQ_NEG_INF;
+                    const float m_old = st[h];
+                    const float m_new = fmaxf(m_old, adq_warp_max(fmaxf(v0, v1)));
+                    pr[k][0] = lane < n ? expf(v0 - m_new) : 0.0f;
+                    pr[k][1] = lane + 32 < n ? expf(v1 - m_new) : 0.0f;
+                    const float sum = adq_warp_sum(pr[k][0] + pr[k][1]);
+                    if (lane == 0) {
+                        const float alpha = m_old == ADQ_NEG_INF ? 0.0f : expf(m_old - m_new);
+                        st[h] = m_new;
+                        st[MAXG + h] = st[MAXG + h] * alpha + sum;
+                        st[2 * MAXG + h] = alpha;
+                    }
+                }
+            }
+            __syncthreads();
+#pragma unroll
+            for (u32 k = 0; k < 2; ++k) {
+                const u32 h = warp + k * (NT / 32);
+                if (h < gqa) {
+                    pt[lane * MAXG + h] = pr[k][0];
+                    pt[(lane + 32) * MAXG + h] = pr[k][1];
                 }
             }
         }
@@ -332,14 +378,18 @@ __device__ __forceinline__ void adq_attn_split_impl(const AdqAttnParams& p, cons
             if (p.v_axis == ADQ_AXIS_PER_TOKEN) {
                 const u32 cg = vc >> p.v_group_shift;
                 const u32 groups_per_token = D >> p.v_group_shift;
-                for (u32 i = vpart; i < npk; i += NP) {
-                    const i64 e = (i64)(t + i) * D + vc;
-                    const u32 code = adq_code_at<ADQ_V_WIDTH>(tile_v, adq_code_pos<ADQ_V_WIDTH>(e, vb0));
+                // Code positions advance by NP tokens per step.
+                const u32 step = NP * D * (AdqWidth<ADQ_V_WIDTH>::ternary ? 1u : AdqWidth<ADQ_V_WIDTH>::code_bits);
+                u32 pos = adq_code_pos<ADQ_V_WIDTH>((i64)(t + vpart) * D + vc, vb0);
+                for (u32 i = vpart; i < npk; i += NP, pos += step) {
+                    const u32 code = adq_code_at<ADQ_V_WIDTH>(tile_v, pos);
                     const u32 m = i * groups_per_token + cg;
                     const float vv = fmaf((float)code, vmeta[m], vmeta[ADQ_SMEM_META_ENTRIES + m]);
+                    float ph[MAXG];
+                    adq_load_heads(ph, pt + i * MAXG, gqa);
 #pragma unroll
                     for (u32 h = 0; h < MAXG; ++h)
-                        if (h < gqa) acc[h] = fmaf(sc[h * TILE + i], vv, acc[h]);
+                        if (h < gqa) acc[h] = fmaf(ph[h], vv, acc[h]);
                 }
             } else {
                 for (u32 i = vpart; i < npk; i += NP) {
@@ -349,25 +399,31 @@ __device__ __forceinline__ void adq_attn_split_impl(const AdqAttnParams& p, cons
                     const u32 code = adq_code_at<ADQ_V_WIDTH>(tile_v, adq_code_pos<ADQ_V_WIDTH>(e, vb0));
                     const i64 m = blk * D + vc - vg_lo;
                     const float vv = fmaf((float)code, vmeta[m], vmeta[ADQ_SMEM_META_ENTRIES + m]);
+                    float ph[MAXG];
+                    adq_load_heads(ph, pt + i * MAXG, gqa);
 #pragma unroll
                     for (u32 h = 0; h < MAXG; ++h)
-                        if (h < gqa) acc[h] = fmaf(sc[h * TILE + i], vv, acc[h]);
+                        if (h < gqa) acc[h] = fmaf(ph[h], vv, acc[h]);
                 }
             }
             // Exact value rows (tail, then sinks): the first of them has the parity of npk.
             for (u32 i = npk + ((vpart + NP - npk % NP) % NP); i < n; i += NP) {
                 const ExactT* row = adq_exact_row(vs, vt, t + i, qv, tail_end, v_ring, p.window_cap);
                 const float vv = adq_exact_to_f32(row[vc]);
+                float ph[MAXG];
+                adq_load_heads(ph, pt + i * MAXG, gqa);
 #pragma unroll
                 for (u32 h = 0; h < MAXG; ++h)
-                    if (h < gqa) acc[h] = fmaf(sc[h * TILE + i], vv, acc[h]);
+                    if (h < gqa) acc[h] = fmaf(ph[h], vv, acc[h]);
             }
         } else {
             for (u32 i = vpart; i < n; i += NP) {
                 const float vv = tile_f[i * ROW + vc];
+                float ph[MAXG];
+                adq_load_heads(ph, pt + i * MAXG, gqa);
 #pragma unroll
                 for (u32 h = 0; h < MAXG; ++h)
-                    if (h < gqa) acc[h] = fmaf(sc[h * TILE + i], vv, acc[h]);
+                    if (h < gqa) acc[h] = fmaf(ph[h], vv, acc[h]);
             }
         }
         __syncthreads();

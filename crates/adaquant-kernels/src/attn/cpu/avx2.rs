@@ -466,6 +466,32 @@ fn keys_pc<const B: usize, const R: usize>(args: KeyArgs<'_, '_>) {
             (codes.as_ptr(), 0)
         };
         let mut j = 0;
+        // Sixteen tokens per pass give 2R independent accumulator chains, enough to hide the FMA latency.
+        while j + 16 <= g {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for r in 0..R {
+                acc[r] = [_mm256_set1_ps(bias[r]); 2];
+            }
+            for c in 0..d {
+                // SAFETY: codes `base + c * g + j .. + 16` lie inside the block.
+                let (f0, f1) = unsafe { (load8::<B>(src, base + c * g + j), load8::<B>(src, base + c * g + j + 8)) };
+                for r in 0..R {
+                    let w = _mm256_set1_ps(qs[r * d + c]);
+                    acc[r][0] = _mm256_fmadd_ps(w, f0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(w, f1, acc[r][1]);
+                }
+            }
+            for r in 0..R {
+                let o = (r0 + r) * t_all + pos + blk * g + j;
+                let out = &mut scores[o..o + 16];
+                // SAFETY: sixteen scores of query `r0 + r` inside this block.
+                unsafe {
+                    _mm256_storeu_ps(out.as_mut_ptr(), acc[r][0]);
+                    _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[r][1]);
+                }
+            }
+            j += 16;
+        }
         while j < g {
             let mut acc = [_mm256_setzero_ps(); R];
             for r in 0..R {
@@ -580,7 +606,9 @@ fn packed_values(
 type ValueArgs<'a, 'b> =
     (&'a [f32], usize, usize, &'a PackedView<'b>, &'a mut [f32], usize, &'a mut Vec<u8>, &'a mut Vec<f32>, bool);
 
-/// Per-token values: `o += (p_t scale_tg) code_tg`, with `p_t min_tg` summed per group and added at the end.
+/// Per-token values: `o += (p_t scale_tg) (code_tg - center)`, with `p_t (min_tg + center scale_tg)` summed per
+/// group and added at the end. Tokens go in tiles; inside a tile, sixteen channels at a time keep their `2R`
+/// accumulators in registers across all tokens of the tile.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn values_pt<const B: usize, const R: usize>(args: ValueArgs<'_, '_>) {
     let (p, t_all, r0, view, acc, pos, codes, tmp, direct) = args;
@@ -589,13 +617,15 @@ fn values_pt<const B: usize, const R: usize>(args: ValueArgs<'_, '_>) {
     let c0 = center(view.spec.bits);
     let c0v = _mm256_set1_ps(c0);
     let ng = d / g;
-    const TILE: usize = 64;
-    // tmp: per-(query, group) sums of p * min, then a tile of scales and minimums.
-    resize(tmp, R * ng + 2 * TILE * ng);
-    let (msum, meta) = tmp.split_at_mut(R * ng);
-    let (sc, mn) = meta.split_at_mut(TILE * ng);
+    const TILE: usize = 32;
+    // tmp: per-(query, group) sums of p * (min + center * scale), a tile of scales and minimums, and the tile's
+    // weights p * scale laid out [token][group][query].
+    resize(tmp, R * ng + 2 * TILE * ng + TILE * ng * R);
+    let (msum, rest) = tmp.split_at_mut(R * ng);
+    let (sc, rest) = rest.split_at_mut(TILE * ng);
+    let (mn, wt) = rest.split_at_mut(TILE * ng);
     if !direct {
-        codes.resize(d, 0);
+        codes.resize(TILE * d, 0);
     }
     let mut t0 = 0;
     while t0 < view.tokens {
@@ -603,38 +633,56 @@ fn values_pt<const B: usize, const R: usize>(args: ValueArgs<'_, '_>) {
         meta_into(&view.scales, t0 * ng, &mut sc[..tile * ng]);
         meta_into(&view.mins, t0 * ng, &mut mn[..tile * ng]);
         for tt in 0..tile {
-            let t = t0 + tt;
-            let (src, base) = if direct {
-                (view.codes.as_ptr(), t * d)
-            } else {
-                pack::unpack_range(view.spec.bits, view.codes, t * d, codes);
-                (codes.as_ptr(), 0)
-            };
-            let mut pt = [0f32; R];
             for r in 0..R {
-                pt[r] = p[(r0 + r) * t_all + pos + t];
-            }
-            for gi in 0..ng {
-                let s = sc[tt * ng + gi];
-                let m = mn[tt * ng + gi];
-                let mut w = [_mm256_setzero_ps(); R];
-                for r in 0..R {
-                    w[r] = _mm256_set1_ps(pt[r] * s);
-                    msum[r * ng + gi] += pt[r] * (m + c0 * s);
+                let pt = p[(r0 + r) * t_all + pos + t0 + tt];
+                for gi in 0..ng {
+                    let (s, m) = (sc[tt * ng + gi], mn[tt * ng + gi]);
+                    wt[(tt * ng + gi) * R + r] = pt * s;
+                    msum[r * ng + gi] += pt * (m + c0 * s);
                 }
-                let mut k = gi * g;
-                while k < (gi + 1) * g {
-                    // SAFETY: codes `base + k .. + 8` belong to token `t`; accumulator rows have `d` elements.
-                    unsafe {
-                        let f = _mm256_sub_ps(load8::<B>(src, base + k), c0v);
+            }
+        }
+        let (src, base) = if direct {
+            (view.codes.as_ptr(), t0 * d)
+        } else {
+            pack::unpack_range(view.spec.bits, view.codes, t0 * d, &mut codes[..tile * d]);
+            (codes.as_ptr(), 0)
+        };
+        let mut k = 0;
+        while k < d {
+            let two = k + 16 <= d && (k % g) + 16 <= g;
+            let gi = k / g;
+            let mut a = [[_mm256_setzero_ps(); 2]; R];
+            for tt in 0..tile {
+                let w = &wt[(tt * ng + gi) * R..(tt * ng + gi + 1) * R];
+                // SAFETY: codes `base + tt * d + k .. + 8 (or 16)` belong to token `t0 + tt`.
+                unsafe {
+                    let f0 = _mm256_sub_ps(load8::<B>(src, base + tt * d + k), c0v);
+                    if two {
+                        let f1 = _mm256_sub_ps(load8::<B>(src, base + tt * d + k + 8), c0v);
                         for r in 0..R {
-                            let ap = acc.as_mut_ptr().add((r0 + r) * d + k);
-                            _mm256_storeu_ps(ap, _mm256_fmadd_ps(w[r], f, _mm256_loadu_ps(ap)));
+                            let wv = _mm256_set1_ps(w[r]);
+                            a[r][0] = _mm256_fmadd_ps(wv, f0, a[r][0]);
+                            a[r][1] = _mm256_fmadd_ps(wv, f1, a[r][1]);
+                        }
+                    } else {
+                        for r in 0..R {
+                            a[r][0] = _mm256_fmadd_ps(_mm256_set1_ps(w[r]), f0, a[r][0]);
                         }
                     }
-                    k += 8;
                 }
             }
+            for r in 0..R {
+                // SAFETY: accumulator row `r0 + r` has `d` elements and `k + 8 (or 16) <= d`.
+                unsafe {
+                    let ap = acc.as_mut_ptr().add((r0 + r) * d + k);
+                    _mm256_storeu_ps(ap, _mm256_add_ps(_mm256_loadu_ps(ap), a[r][0]));
+                    if two {
+                        _mm256_storeu_ps(ap.add(8), _mm256_add_ps(_mm256_loadu_ps(ap.add(8)), a[r][1]));
+                    }
+                }
+            }
+            k += if two { 16 } else { 8 };
         }
         t0 += tile;
     }
