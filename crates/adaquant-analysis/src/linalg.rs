@@ -116,9 +116,10 @@ pub fn singular_values_ref<T: Copy + Into<f64>>(m: View<'_, T>, what: &str) -> R
         let mut rotated = false;
         for p in 0..cols {
             for q in p + 1..cols {
-                let (alpha, beta, gamma) = a[p].iter().zip(&a[q]).fold((0.0, 0.0, 0.0), |(al, be, ga), (&x, &y)| {
-                    (al + x * x, be + y * y, ga + x * y)
-                });
+                let (alpha, beta, gamma) = a[p]
+                    .iter()
+                    .zip(&a[q])
+                    .fold((0.0, 0.0, 0.0), |(al, be, ga), (&x, &y)| (al + x * x, be + y * y, ga + x * y));
                 if gamma == 0.0 || gamma.abs() <= eps * (alpha * beta).sqrt() {
                     continue;
                 }

@@ -46,7 +46,9 @@ pub enum PlotError {
     #[error("chart `{title}`: {what} holds a non-finite value ({value}); remove or replace it before plotting")]
     NonFinite { title: String, what: String, value: f64 },
     /// A value that must be positive (log axis) is not.
-    #[error("chart `{title}`: {what} holds {value}, which a logarithmic axis cannot show; use a linear axis or drop it")]
+    #[error(
+        "chart `{title}`: {what} holds {value}, which a logarithmic axis cannot show; use a linear axis or drop it"
+    )]
     NonPositiveOnLog { title: String, what: String, value: f64 },
     /// Creating the output folder failed.
     #[error("cannot create the folder {path}: {source}")]
@@ -270,7 +272,8 @@ pub fn pareto_front(points: &[(f64, f64)], goal: ParetoGoal) -> Vec<usize> {
         ParetoGoal::MaximizeY => 1.0,
         ParetoGoal::MinimizeY => -1.0,
     };
-    let mut idx: Vec<usize> = (0..points.len()).filter(|&i| points[i].0.is_finite() && points[i].1.is_finite()).collect();
+    let mut idx: Vec<usize> =
+        (0..points.len()).filter(|&i| points[i].0.is_finite() && points[i].1.is_finite()).collect();
     // Sort by x ascending, then by goodness descending so the best point at each x comes first.
     idx.sort_by(|&a, &b| {
         let (xa, ya) = points[a];
@@ -487,11 +490,7 @@ impl Draw for LineChart {
         });
         let yr = extent(ys.chain(self.hline)).unwrap_or((1.0, 10.0));
         let mut builder = ChartBuilder::on(root);
-        builder
-            .caption(&self.title, (FONT, 22))
-            .margin(14)
-            .x_label_area_size(46)
-            .y_label_area_size(72);
+        builder.caption(&self.title, (FONT, 22)).margin(14).x_label_area_size(46).y_label_area_size(72);
 
         macro_rules! body {
             ($chart:ident) => {{
@@ -591,11 +590,7 @@ impl Draw for BarChart {
             }
         };
         let mut builder = ChartBuilder::on(root);
-        builder
-            .caption(&self.title, (FONT, 22))
-            .margin(14)
-            .x_label_area_size(46)
-            .y_label_area_size(72);
+        builder.caption(&self.title, (FONT, 22)).margin(14).x_label_area_size(46).y_label_area_size(72);
 
         macro_rules! body {
             ($chart:ident, $base:expr) => {{
@@ -715,13 +710,13 @@ impl Draw for Heatmap {
             _ => String::new(),
         };
         let mut chart = ChartBuilder::on(&main)
-                .caption(&self.title, (FONT, 22))
-                .margin(14)
-                .x_label_area_size(46)
-                .y_label_area_size(72)
-                // Integer ranges are inclusive in plotters, so `0..n - 1` gives exactly `n` segments.
-                .build_cartesian_2d((0..nc - 1).into_segmented(), (0..nr - 1).into_segmented())
-                .map_err(backend_err)?;
+            .caption(&self.title, (FONT, 22))
+            .margin(14)
+            .x_label_area_size(46)
+            .y_label_area_size(72)
+            // Integer ranges are inclusive in plotters, so `0..n - 1` gives exactly `n` segments.
+            .build_cartesian_2d((0..nc - 1).into_segmented(), (0..nr - 1).into_segmented())
+            .map_err(backend_err)?;
         chart
             .configure_mesh()
             .x_desc(self.x_label.as_str())
@@ -762,8 +757,9 @@ impl Draw for Heatmap {
                 .draw_series(cells.iter().map(|&(c, r, v)| {
                     let light = v.is_finite() && norm(v) < 0.55;
                     let color: &'static RGBColor = if light { &WHITE } else { &BLACK };
-                    let style =
-                        TextStyle::from((FONT, font_px).into_font()).color(color).pos(Pos::new(HPos::Center, VPos::Center));
+                    let style = TextStyle::from((FONT, font_px).into_font())
+                        .color(color)
+                        .pos(Pos::new(HPos::Center, VPos::Center));
                     Text::new(format_value(v), (SegmentValue::CenterOf(c), SegmentValue::CenterOf(r)), style)
                 }))
                 .map_err(backend_err)?;
@@ -833,11 +829,7 @@ impl Draw for Scatter {
             None => Vec::new(),
         };
         let mut builder = ChartBuilder::on(root);
-        builder
-            .caption(&self.title, (FONT, 22))
-            .margin(14)
-            .x_label_area_size(46)
-            .y_label_area_size(72);
+        builder.caption(&self.title, (FONT, 22)).margin(14).x_label_area_size(46).y_label_area_size(72);
 
         macro_rules! body {
             ($chart:ident) => {{
@@ -869,9 +861,7 @@ impl Draw for Scatter {
                         )
                         .map_err(backend_err)?;
                     if let Some(name) = self.group_names.get(g) {
-                        series
-                            .label(name.as_str())
-                            .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
+                        series.label(name.as_str()).legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
                     }
                 }
                 $chart

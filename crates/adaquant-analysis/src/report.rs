@@ -173,9 +173,8 @@ impl Report {
     /// the measured squared error at 4 bits.
     pub fn sensitivities(&self, kind: &str) -> Option<SensitivityFile> {
         let scale = SENSITIVITY_REF_BITS.exp2();
-        let at_ref = |a: &ActivationLayer| {
-            a.quant.iter().find(|q| (q.bits - SENSITIVITY_REF_BITS).abs() < 1e-9).cloned()
-        };
+        let at_ref =
+            |a: &ActivationLayer| a.quant.iter().find(|q| (q.bits - SENSITIVITY_REF_BITS).abs() < 1e-9).cloned();
         let (k, v, note): (Vec<f64>, Vec<f64>, &str) = match kind {
             "weight_fro" => (
                 self.layers.iter().map(|l| l.weights.w_k.whole.fro).collect(),
@@ -287,10 +286,7 @@ impl Report {
         // Spectra: one chart per layer and matrix kind, mean over heads with the min-max band.
         let mats: Vec<(&str, Box<dyn Fn(&LayerReport) -> Option<Vec<&[f64]>>>)> = vec![
             ("w", Box::new(|l| Some(vec![k_heads(&l.weights.w_k), k_heads(&l.weights.w_v)].concat()))),
-            (
-                "act",
-                Box::new(|l| l.activations.as_ref().map(|a| vec![k_heads(&a.k), k_heads(&a.v)].concat())),
-            ),
+            ("act", Box::new(|l| l.activations.as_ref().map(|a| vec![k_heads(&a.k), k_heads(&a.v)].concat()))),
         ];
         let nh = self.dims.n_kv_heads;
         for (kind, get) in &mats {
@@ -314,7 +310,8 @@ impl Report {
                         continue;
                     }
                     let what = if *kind == "w" { "W_K and W_V" } else { "K and V caches" };
-                    let from = if skip > 0 { format!(" from the {}th singular value", skip + 1) } else { String::new() };
+                    let from =
+                        if skip > 0 { format!(" from the {}th singular value", skip + 1) } else { String::new() };
                     out.extend(plot::line_chart(
                         &LineChart {
                             title: format!("Layer {}: singular values of {what}{from}", l.layer),
@@ -458,7 +455,10 @@ impl Report {
         if !quant.is_empty() {
             let at = |a: &ActivationLayer| a.quant.iter().find(|q| (q.bits - 4.0).abs() < 1e-9).cloned();
             let pairs: Vec<_> = quant.iter().filter_map(|(i, a)| at(a).map(|q| (*i, q))).collect();
-            let k_worse = pairs.iter().filter(|(_, q)| matches!((q.k_attn_rel, q.v_attn_rel), (Some(k), Some(v)) if k > v)).count();
+            let k_worse = pairs
+                .iter()
+                .filter(|(_, q)| matches!((q.k_attn_rel, q.v_attn_rel), (Some(k), Some(v)) if k > v))
+                .count();
             if pairs.iter().all(|(_, q)| q.k_attn_rel.is_some()) && !pairs.is_empty() {
                 let _ = writeln!(
                     s,
@@ -548,8 +548,11 @@ impl Report {
                         Some(x) => format!("{rel:.4} ({x:.4})"),
                         None => format!("{rel:.4}"),
                     };
-                    let cells: Vec<String> =
-                        a.quant.iter().flat_map(|q| [cell(q.k_rel, q.k_attn_rel), cell(q.v_rel, q.v_attn_rel)]).collect();
+                    let cells: Vec<String> = a
+                        .quant
+                        .iter()
+                        .flat_map(|q| [cell(q.k_rel, q.k_attn_rel), cell(q.v_rel, q.v_attn_rel)])
+                        .collect();
                     let _ = writeln!(s, "| {i} | {} |", cells.join(" | "));
                 }
             }

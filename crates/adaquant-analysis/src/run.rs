@@ -201,7 +201,8 @@ pub fn run_typed(args: &AnalyzeArgs) -> Result<PathBuf> {
     if !args.weights_only {
         let t = Instant::now();
         let ids = calibration_tokens(&model, &args.text, args.tokens)?;
-        let mut cache = FullPrecisionCache::new(model.cache_shape(ids.len())).map_err(|e| AnalysisError::Model(e.to_string()))?;
+        let mut cache =
+            FullPrecisionCache::new(model.cache_shape(ids.len())).map_err(|e| AnalysisError::Model(e.to_string()))?;
         let mut cap = Capture {
             layers: vec![LayerActivations::default(); dims.n_layers],
             keep_pre_rope: args.pre_rope,

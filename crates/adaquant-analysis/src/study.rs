@@ -26,8 +26,7 @@ pub struct Dims {
 impl Dims {
     /// Checks that the sizes are non-zero and the grouped-query ratio is whole.
     pub fn validate(&self) -> Result<()> {
-        if self.n_layers == 0 || self.n_q_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 || self.hidden == 0
-        {
+        if self.n_layers == 0 || self.n_q_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 || self.hidden == 0 {
             return Err(AnalysisError::InvalidArgument(format!("model dimensions have a zero entry: {self:?}")));
         }
         if self.n_q_heads % self.n_kv_heads != 0 {
@@ -143,9 +142,10 @@ pub fn weight_layer(layer: usize, w: &LayerWeights<'_>, dims: &Dims) -> Result<W
         || weight_stats(w.wk, kv, d, dims.head_dim, &name("W_K")),
         || weight_stats(w.wv, kv, d, dims.head_dim, &name("W_V")),
     );
-    let (w_q, w_o) = rayon::join(|| mat_stats(View::new(w.wq, q, d), &name("W_Q")), || {
-        mat_stats(View::new(w.wo, d, q), &name("W_O"))
-    });
+    let (w_q, w_o) = rayon::join(
+        || mat_stats(View::new(w.wq, q, d), &name("W_Q")),
+        || mat_stats(View::new(w.wo, d, q), &name("W_O")),
+    );
     Ok(WeightLayer { w_q: Norms::from(&w_q?), w_o: Norms::from(&w_o?), w_k: w_k?, w_v: w_v? })
 }
 

@@ -103,8 +103,9 @@ fn bar_chart_with_reference_line() {
 fn heatmap_with_labels_colour_bar_and_diagonal() {
     let dir = out_dir("heat");
     let bits = ["2", "3", "4", "8"];
-    let values: Vec<Vec<f64>> =
-        (0..4).map(|r| (0..4).map(|c| if r == 0 && c == 3 { f64::NAN } else { 20.0 + 40.0 / (1 + r + c) as f64 }).collect()).collect();
+    let values: Vec<Vec<f64>> = (0..4)
+        .map(|r| (0..4).map(|c| if r == 0 && c == 3 { f64::NAN } else { 20.0 + 40.0 / (1 + r + c) as f64 }).collect())
+        .collect();
     let chart = Heatmap {
         title: "PPL grid".into(),
         x_label: "V bits".into(),

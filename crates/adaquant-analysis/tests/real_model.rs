@@ -2,7 +2,7 @@
 
 use adaquant_analysis::error::AnalysisError;
 use adaquant_analysis::run::{calibration_tokens, run_typed};
-use adaquant_analysis::study::{weight_layer, Dims, LayerWeights};
+use adaquant_analysis::study::{weight_stats, Dims, HeadedStats};
 use adaquant_analysis::AnalyzeArgs;
 use adaquant_model::{paths, Model};
 
@@ -17,15 +17,58 @@ use adaquant_model::{paths, Model};
 /// gguf 0.17, f64 SVD). Head slices are blocks of 64 rows; the GGUF row permutation for RoPE stays inside a head,
 /// so head norms do not depend on it.
 const NUMPY: [(usize, f64, f64, f64, f64, f64, f64); 4] = [
-    (0, 132.28590757867119, 62.030680870151706, 15.565707833391706, 3.4431235537123728, 64.29022274928644, 54.75729333473269),
-    (1, 92.79124929218911, 17.612923431437068, 41.31209023302704, 4.646972192535336, 51.443745052519695, 13.944499624672927),
-    (15, 66.25065876747858, 13.698692860386178, 58.87770155953016, 7.019384897610001, 35.63291948515689, 11.681104591489348),
-    (29, 43.62122820423858, 10.287522085517615, 95.8540669617124, 10.145453907129308, 25.27427045670612, 6.706797386932582),
+    (
+        0,
+        132.28590757867119,
+        62.030680870151706,
+        15.565707833391706,
+        3.4431235537123728,
+        64.29022274928644,
+        54.75729333473269,
+    ),
+    (
+        1,
+        92.79124929218911,
+        17.612923431437068,
+        41.31209023302704,
+        4.646972192535336,
+        51.443745052519695,
+        13.944499624672927,
+    ),
+    (
+        15,
+        66.25065876747858,
+        13.698692860386178,
+        58.87770155953016,
+        7.019384897610001,
+        35.63291948515689,
+        11.681104591489348,
+    ),
+    (
+        29,
+        43.62122820423858,
+        10.287522085517615,
+        95.8540669617124,
+        10.145453907129308,
+        25.27427045670612,
+        6.706797386932582,
+    ),
 ];
+
+struct WeightLayerKv {
+    w_k: HeadedStats,
+    w_v: HeadedStats,
+}
 
 fn dims(m: &Model) -> Dims {
     let c = &m.config;
-    Dims { n_layers: c.n_layers, n_q_heads: c.n_q_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim, hidden: c.hidden }
+    Dims {
+        n_layers: c.n_layers,
+        n_q_heads: c.n_q_heads,
+        n_kv_heads: c.n_kv_heads,
+        head_dim: c.head_dim,
+        hidden: c.hidden,
+    }
 }
 
 #[test]
@@ -41,7 +84,11 @@ fn weight_norms_match_numpy_on_the_gguf_tensors() {
     };
     for (layer, kf, ks, vf, vs, k0f, k1s) in NUMPY {
         let w = model.layer_weights(layer);
-        let r = weight_layer(layer, &LayerWeights { wq: w.wq, wk: w.wk, wv: w.wv, wo: w.wo }, &d).unwrap();
+        let kv = d.n_kv_heads * d.head_dim;
+        let r = WeightLayerKv {
+            w_k: weight_stats(w.wk, kv, d.hidden, d.head_dim, "W_K").unwrap(),
+            w_v: weight_stats(w.wv, kv, d.hidden, d.head_dim, "W_V").unwrap(),
+        };
         close(r.w_k.whole.fro, kf, &format!("layer {layer} ||W_K||_F"));
         close(r.w_k.whole.spec, ks, &format!("layer {layer} ||W_K||_2"));
         close(r.w_v.whole.fro, vf, &format!("layer {layer} ||W_V||_F"));
@@ -64,7 +111,8 @@ fn bad_inputs_give_clear_errors() {
     std::fs::create_dir_all(&dir).unwrap();
     let corrupt = dir.join("corrupt.gguf");
     std::fs::write(&corrupt, b"GGUF but not really a model").unwrap();
-    let e = run_typed(&AnalyzeArgs { model: corrupt, out: Some(dir.join("out")), ..AnalyzeArgs::default() }).unwrap_err();
+    let e =
+        run_typed(&AnalyzeArgs { model: corrupt, out: Some(dir.join("out")), ..AnalyzeArgs::default() }).unwrap_err();
     assert!(matches!(e, AnalysisError::Model(_)), "{e}");
 
     let Some(path) = paths::require(paths::default_model(), "bad_inputs_give_clear_errors") else {
@@ -83,10 +131,14 @@ fn bad_inputs_give_clear_errors() {
     assert!(matches!(e, AnalysisError::InvalidArgument(_)), "{e}");
 }
 
+/// The whole pipeline on 96 tokens. Unoptimised builds instantiate faer's SVD at opt-level 0 and take minutes, so
+/// this runs with `cargo test --release -p adaquant-analysis --test real_model`.
 #[test]
+#[cfg_attr(debug_assertions, ignore = "slow without optimisation; run with --release")]
 fn short_end_to_end_run_on_the_real_model() {
     let test = "short_end_to_end_run_on_the_real_model";
-    let (Some(model), Some(text)) = (paths::require(paths::default_model(), test), paths::require(paths::wikitext2_test(), test))
+    let (Some(model), Some(text)) =
+        (paths::require(paths::default_model(), test), paths::require(paths::wikitext2_test(), test))
     else {
         return;
     };
@@ -102,7 +154,8 @@ fn short_end_to_end_run_on_the_real_model() {
         ..AnalyzeArgs::default()
     };
     assert_eq!(run_typed(&args).unwrap(), out);
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     let layers = v["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 30);
     for l in layers {

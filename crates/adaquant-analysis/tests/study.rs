@@ -3,8 +3,8 @@
 use adaquant_analysis::error::AnalysisError;
 use adaquant_analysis::report::{Report, Timings, SENSITIVITY_KINDS};
 use adaquant_analysis::study::{
-    activation_layer, attention, attention_errors, attention_ref, head_slice, query_positions, quantize_heads, relative_error,
-    weight_layer, ActivationOptions, Dims, GroupQuantizer, LayerActivations, LayerWeights, Quantizer,
+    activation_layer, attention, attention_errors, attention_ref, head_slice, quantize_heads, query_positions,
+    relative_error, weight_layer, ActivationOptions, Dims, GroupQuantizer, LayerActivations, LayerWeights, Quantizer,
 };
 use adaquant_analysis::{report::LayerReport, Result};
 use adaquant_kernels::Bits;
@@ -126,8 +126,9 @@ fn activation_errors_follow_the_quantizer() {
     assert_eq!((r.quant[0].k_attn_rel, r.quant[0].v_attn_rel), (None, None));
 
     // Pre-RoPE keys change the key statistics but not the quantization error (measured on post-RoPE keys).
-    let pre = activation_layer(0, &a, &d, &ActivationOptions { pre_rope: true, ..opts(vec![Bits::B4], 0) }, &scaling(e))
-        .unwrap();
+    let pre =
+        activation_layer(0, &a, &d, &ActivationOptions { pre_rope: true, ..opts(vec![Bits::B4], 0) }, &scaling(e))
+            .unwrap();
     assert_ne!(pre.k.whole.fro, exact.k.whole.fro);
 }
 
@@ -248,7 +249,10 @@ fn report_checks_claims_and_writes_everything() {
         assert_eq!(xa.k.whole.singular_values.len(), ya.k.whole.singular_values.len());
         assert!(xa.quant.iter().zip(&ya.quant).all(|(p, q)| p.bits == q.bits && close(p.k_rel, q.k_rel)));
     }
-    assert_eq!(back.claims.iter().map(|c| &c.fails).collect::<Vec<_>>(), report.claims.iter().map(|c| &c.fails).collect::<Vec<_>>());
+    assert_eq!(
+        back.claims.iter().map(|c| &c.fails).collect::<Vec<_>>(),
+        report.claims.iter().map(|c| &c.fails).collect::<Vec<_>>()
+    );
 
     // Every sensitivity file is what the cache crate's budget solver reads.
     for kind in SENSITIVITY_KINDS {

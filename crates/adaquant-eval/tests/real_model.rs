@@ -64,7 +64,7 @@ fn parallel_equals_stepwise_on_the_real_model() {
         (prec(Bits::B2, 64, tok), prec(Bits::B4, 64, tok), 0, 0),
         (prec(Bits::B2, 16, chan), prec(Bits::B4, 32, tok), 16, 0),
         (prec(Bits::B3, 32, tok), prec(Bits::B1_58, 16, chan), 0, 1),
-        (prec(Bits::B8, 64, chan), prec(Bits::B8, 16, chan), 32, 4),
+        (prec(Bits::B8, 16, chan), prec(Bits::B5, 16, chan), 0, 4),
     ];
     for (k, v, residual, sinks) in layouts {
         let spec = CacheSpec::Quant(QuantCacheConfig { layers: vec![LayerPrecision::new(k, v); n_layers], residual, sinks });
