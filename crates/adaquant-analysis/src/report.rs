@@ -284,14 +284,10 @@ impl Report {
         )?);
 
         // Spectra: one chart per layer and matrix kind, mean over heads with the min-max band.
-        let mats: Vec<(&str, Box<dyn Fn(&LayerReport) -> Option<Vec<&[f64]>>>)> = vec![
-            ("w", Box::new(|l| Some(vec![k_heads(&l.weights.w_k), k_heads(&l.weights.w_v)].concat()))),
-            ("act", Box::new(|l| l.activations.as_ref().map(|a| vec![k_heads(&a.k), k_heads(&a.v)].concat()))),
-        ];
         let nh = self.dims.n_kv_heads;
-        for (kind, get) in &mats {
+        for kind in ["w", "act"] {
             for l in &self.layers {
-                let Some(spectra) = get(l) else { continue };
+                let Some(spectra) = layer_spectra(l, kind) else { continue };
                 let (kh, vh) = spectra.split_at(nh);
                 for (skip, suffix) in [(4usize, ""), (0, "_full")] {
                     let mut s = Vec::new();
@@ -309,7 +305,7 @@ impl Report {
                     if s.is_empty() {
                         continue;
                     }
-                    let what = if *kind == "w" { "W_K and W_V" } else { "K and V caches" };
+                    let what = if kind == "w" { "W_K and W_V" } else { "K and V caches" };
                     let from =
                         if skip > 0 { format!(" from the {}th singular value", skip + 1) } else { String::new() };
                     out.extend(plot::line_chart(
@@ -589,6 +585,15 @@ impl LayerReport {
     }
     fn act_v_fro(&self) -> f64 {
         self.activations.as_ref().map_or(0.0, |a| a.v.whole.fro)
+    }
+}
+
+/// Per-head spectra of K then V: of the weights (`kind == "w"`) or of the caches.
+fn layer_spectra<'a>(l: &'a LayerReport, kind: &str) -> Option<Vec<&'a [f64]>> {
+    if kind == "w" {
+        Some([k_heads(&l.weights.w_k), k_heads(&l.weights.w_v)].concat())
+    } else {
+        l.activations.as_ref().map(|a| [k_heads(&a.k), k_heads(&a.v)].concat())
     }
 }
 

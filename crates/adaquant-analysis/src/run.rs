@@ -176,7 +176,7 @@ pub fn run_typed(args: &AnalyzeArgs) -> Result<PathBuf> {
             dims.n_kv_heads - 1
         )));
     }
-    if !args.weights_only && (args.group == 0 || dims.head_dim % args.group != 0) {
+    if !args.weights_only && (args.group == 0 || !dims.head_dim.is_multiple_of(args.group)) {
         return Err(AnalysisError::InvalidArgument(format!(
             "--group {} must divide head_dim = {}",
             args.group, dims.head_dim

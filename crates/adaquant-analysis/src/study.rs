@@ -29,7 +29,7 @@ impl Dims {
         if self.n_layers == 0 || self.n_q_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 || self.hidden == 0 {
             return Err(AnalysisError::InvalidArgument(format!("model dimensions have a zero entry: {self:?}")));
         }
-        if self.n_q_heads % self.n_kv_heads != 0 {
+        if !self.n_q_heads.is_multiple_of(self.n_kv_heads) {
             return Err(AnalysisError::InvalidArgument(format!(
                 "n_q_heads ({}) is not a multiple of n_kv_heads ({})",
                 self.n_q_heads, self.n_kv_heads
@@ -122,7 +122,7 @@ pub struct WeightLayer {
 pub fn weight_stats(w: &[f32], rows: usize, cols: usize, head_dim: usize, what: &str) -> Result<HeadedStats> {
     let m = View::new(w, rows, cols);
     let whole = mat_stats(m, what)?;
-    if head_dim == 0 || rows % head_dim != 0 {
+    if head_dim == 0 || !rows.is_multiple_of(head_dim) {
         return Err(AnalysisError::InvalidArgument(format!(
             "`{what}` has {rows} rows, not a whole number of heads of {head_dim}"
         )));

@@ -15,8 +15,8 @@ use crate::progress::Progress;
 use crate::report::{markdown_table, write_report};
 use crate::results::merge_dirs;
 use crate::sweep::{
-    git_revision, parse_side_bits, run_sweep, run_tasks, sha256_file, PointSpec, PolicySpec, SensSource, Shard, SweepPlan,
-    TaskData, TaskSelection,
+    git_revision, parse_side_bits, run_sweep, run_tasks, sha256_file, PointSpec, PolicySpec, SensSource, Shard,
+    SweepPlan, TaskData, TaskSelection,
 };
 use crate::tasks::PasskeySpec;
 

@@ -103,7 +103,11 @@ pub fn parse_arc(text: &str, name: &str) -> Result<Vec<ChoiceItem>> {
             return Err(malformed(name, i + 1, format!("{} choices; need at least 2", l.choices.len())));
         }
         if l.gold >= l.choices.len() {
-            return Err(malformed(name, i + 1, format!("gold {} out of range for {} choices", l.gold, l.choices.len())));
+            return Err(malformed(
+                name,
+                i + 1,
+                format!("gold {} out of range for {} choices", l.gold, l.choices.len()),
+            ));
         }
         items.push(ChoiceItem {
             context: format!("{}\nAnswer:", l.query),
@@ -169,7 +173,8 @@ impl SplitMix {
 }
 
 /// The repeated filler of the standard passkey-retrieval prompt (Mohtashami & Jaggi 2023).
-pub const PASSKEY_FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+pub const PASSKEY_FILLER: &str =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 const PASSKEY_INTRO: &str = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there. ";
 const PASSKEY_QUESTION: &str = "What is the pass key? The pass key is";
 

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use adaquant_eval::cli;
 
 #[derive(Parser)]
-#[command(name = "adaquant", version, about = "Mixed-precision KV-cache quantization: more bits for keys, fewer for values")]
+#[command(
+    name = "adaquant",
+    version,
+    about = "Mixed-precision KV-cache quantization: more bits for keys, fewer for values"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

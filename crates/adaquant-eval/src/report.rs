@@ -180,13 +180,19 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
                     color_label: name.into(),
                     ..Heatmap::default()
                 };
-                let [svg, png] = heatmap(&chart, &dir.join(format!("{prefix}heatmap-{metric}-{slug}"))).map_err(plot_err)?;
+                let [svg, png] =
+                    heatmap(&chart, &dir.join(format!("{prefix}heatmap-{metric}-{slug}"))).map_err(plot_err)?;
                 files.plots.extend([svg, png]);
             }
         }
         // Metrics against bits per element with the Pareto front.
         let policies: Vec<&str> = vec!["full", "fixed", "budget"];
-        let mut scatter = |metric: &str, title: &str, goal: ParetoGoal, log_y: bool, f: &dyn Fn(&PointResult) -> Option<f64>| -> Result<()> {
+        let mut scatter = |metric: &str,
+                           title: &str,
+                           goal: ParetoGoal,
+                           log_y: bool,
+                           f: &dyn Fn(&PointResult) -> Option<f64>|
+         -> Result<()> {
             let points: Vec<ScatterPoint> = rs
                 .iter()
                 .filter_map(|r| {
@@ -212,7 +218,8 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
                 log_y,
                 ..Scatter::default()
             };
-            let [svg, png] = scatter_pareto(&chart, &dir.join(format!("{prefix}{metric}-vs-bits"))).map_err(plot_err)?;
+            let [svg, png] =
+                scatter_pareto(&chart, &dir.join(format!("{prefix}{metric}-vs-bits"))).map_err(plot_err)?;
             files.plots.extend([svg, png]);
             Ok(())
         };
@@ -221,7 +228,9 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
         scatter("top1", "top-1 agreement", ParetoGoal::MaximizeY, false, &|r| Some(r.top1))?;
         let task_names: BTreeSet<String> = rs.iter().flat_map(|r| r.tasks.keys().cloned()).collect();
         for t in task_names {
-            scatter(&t, &format!("{t} accuracy"), ParetoGoal::MaximizeY, false, &|r| r.tasks.get(&t).map(|x| x.accuracy))?;
+            scatter(&t, &format!("{t} accuracy"), ParetoGoal::MaximizeY, false, &|r| {
+                r.tasks.get(&t).map(|x| x.accuracy)
+            })?;
         }
     }
     Ok(files)
@@ -294,7 +303,9 @@ mod tests {
         assert!(std::fs::read_to_string(&files.table).unwrap().contains("K2V4"));
         let names: Vec<String> =
             files.plots.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-        for want in ["heatmap-ppl-g64-tok-tok-r128.png", "heatmap-kl-g64-tok-tok-r128.svg", "ppl-vs-bits.png", "kl-vs-bits.svg"] {
+        for want in
+            ["heatmap-ppl-g64-tok-tok-r128.png", "heatmap-kl-g64-tok-tok-r128.svg", "ppl-vs-bits.png", "kl-vs-bits.svg"]
+        {
             assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
         }
         for p in &files.plots {

@@ -175,7 +175,8 @@ impl ResultsFile {
         }
         let mut line = serde_json::to_string(r).map_err(|e| results_err(&self.path, e.to_string()))?;
         line.push('\n');
-        let mut f = OpenOptions::new().create(true).append(true).open(&self.path).map_err(|e| EvalError::io(&self.path, e))?;
+        let mut f =
+            OpenOptions::new().create(true).append(true).open(&self.path).map_err(|e| EvalError::io(&self.path, e))?;
         f.write_all(line.as_bytes()).map_err(|e| EvalError::io(&self.path, e))?;
         f.flush().map_err(|e| EvalError::io(&self.path, e))?;
         f.sync_data().map_err(|e| EvalError::io(&self.path, e))?;

@@ -35,7 +35,9 @@ pub fn parse_side_bits(s: &str) -> Result<SideBits> {
     if t == "16" || t.eq_ignore_ascii_case("full") {
         return Ok(None);
     }
-    t.parse::<Bits>().map(Some).map_err(|e| EvalError::BadRequest(format!("bit width '{t}': {e} (or 16 for unquantized)")))
+    t.parse::<Bits>()
+        .map(Some)
+        .map_err(|e| EvalError::BadRequest(format!("bit width '{t}': {e} (or 16 for unquantized)")))
 }
 
 fn side_name(b: SideBits) -> &'static str {
@@ -163,7 +165,10 @@ impl PointSpec {
         match &self.policy {
             PolicySpec::Full => None,
             PolicySpec::Fixed { k, v } => {
-                Some(vec![LayerPrecision::new(self.precision(*k, self.k_axis), self.precision(*v, self.v_axis)); n_layers])
+                Some(vec![
+                    LayerPrecision::new(self.precision(*k, self.k_axis), self.precision(*v, self.v_axis));
+                    n_layers
+                ])
             }
             PolicySpec::Budget { .. } => None,
         }
@@ -249,8 +254,11 @@ impl Shard {
         let parse = |name: &str, v: &str| {
             v.trim().parse::<usize>().map_err(|_| EvalError::BadRequest(format!("{name}='{v}' is not a number")))
         };
-        let (id, count, min) =
-            (parse("SLURM_ARRAY_TASK_ID", &id)?, parse("SLURM_ARRAY_TASK_COUNT", &count)?, parse("SLURM_ARRAY_TASK_MIN", &min)?);
+        let (id, count, min) = (
+            parse("SLURM_ARRAY_TASK_ID", &id)?,
+            parse("SLURM_ARRAY_TASK_COUNT", &count)?,
+            parse("SLURM_ARRAY_TASK_MIN", &min)?,
+        );
         let index = id.checked_sub(min).ok_or_else(|| {
             EvalError::BadRequest(format!("SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}"))
         })?;
@@ -409,10 +417,15 @@ pub fn resolve_layers(
                 None => {
                     let s = match sensitivity {
                         SensSource::WeightFro | SensSource::WeightSpec => {
-                            let kind =
-                                if *sensitivity == SensSource::WeightFro { WeightNorm::Frobenius } else { WeightNorm::Spectral };
+                            let kind = if *sensitivity == SensSource::WeightFro {
+                                WeightNorm::Frobenius
+                            } else {
+                                WeightNorm::Spectral
+                            };
                             let (k, v) = lm.kv_weight_norms(kind).ok_or_else(|| {
-                                EvalError::BadRequest("this model does not expose its K/V weights; pass a sensitivities file".into())
+                                EvalError::BadRequest(
+                                    "this model does not expose its K/V weights; pass a sensitivities file".into(),
+                                )
                             })??;
                             Sensitivities::new(k, v)?
                         }
@@ -476,17 +489,26 @@ pub fn run_tasks(
     let lim = |n: usize, len: usize| if n == 0 { len } else { n.min(len) };
     if let Some(n) = sel.hellaswag {
         let mut p = Progress::new(format!("{label} hellaswag"), lim(n, data.hellaswag.len()) as u64, "items");
-        out.insert("hellaswag".into(), tasks::multiple_choice(lm, cache, &data.hellaswag, Some(lim(n, usize::MAX)), &mut |k| p.inc(k))?);
+        out.insert(
+            "hellaswag".into(),
+            tasks::multiple_choice(lm, cache, &data.hellaswag, Some(lim(n, usize::MAX)), &mut |k| p.inc(k))?,
+        );
         p.finish();
     }
     if let Some(n) = sel.arc_easy {
         let mut p = Progress::new(format!("{label} arc_easy"), lim(n, data.arc.len()) as u64, "items");
-        out.insert("arc_easy".into(), tasks::multiple_choice(lm, cache, &data.arc, Some(lim(n, usize::MAX)), &mut |k| p.inc(k))?);
+        out.insert(
+            "arc_easy".into(),
+            tasks::multiple_choice(lm, cache, &data.arc, Some(lim(n, usize::MAX)), &mut |k| p.inc(k))?,
+        );
         p.finish();
     }
     if let Some(n) = sel.lambada {
         let mut p = Progress::new(format!("{label} lambada"), lim(n, data.lambada.len()) as u64, "items");
-        out.insert("lambada".into(), tasks::lambada(lm, cache, &data.lambada, Some(lim(n, usize::MAX)), &mut |k| p.inc(k))?);
+        out.insert(
+            "lambada".into(),
+            tasks::lambada(lm, cache, &data.lambada, Some(lim(n, usize::MAX)), &mut |k| p.inc(k))?,
+        );
         p.finish();
     }
     if let Some(spec) = &sel.passkey {
@@ -552,7 +574,11 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
     );
     // Quantized attention costs a little more than the f32 cache; tasks cost about the same per point.
     let est = ref_s * 1.2 * points.len() as f64;
-    println!("expected run time of the text metrics: about {:.1} min for {} points (tasks extra)", est / 60.0, points.len());
+    println!(
+        "expected run time of the text metrics: about {:.1} min for {} points (tasks extra)",
+        est / 60.0,
+        points.len()
+    );
 
     let mut sens_cache = BTreeMap::new();
     for (n_done, (_, point)) in points.iter().enumerate() {
@@ -669,8 +695,12 @@ mod tests {
             move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
         };
         assert_eq!(Shard::from_slurm(env(&[])).unwrap(), None);
-        let s = Shard::from_slurm(env(&[("SLURM_ARRAY_TASK_ID", "5"), ("SLURM_ARRAY_TASK_COUNT", "4"), ("SLURM_ARRAY_TASK_MIN", "3")]))
-            .unwrap();
+        let s = Shard::from_slurm(env(&[
+            ("SLURM_ARRAY_TASK_ID", "5"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ("SLURM_ARRAY_TASK_MIN", "3"),
+        ]))
+        .unwrap();
         assert_eq!(s, Some(Shard { index: 2, count: 4 }));
         assert!(Shard::from_slurm(env(&[("SLURM_ARRAY_TASK_ID", "9"), ("SLURM_ARRAY_TASK_COUNT", "4")])).is_err());
     }
@@ -689,7 +719,8 @@ mod tests {
         let mut q = p.clone();
         q.k_axis = GroupAxis::PerToken;
         assert_ne!(p.config_key(), q.config_key());
-        let b = PointSpec { policy: PolicySpec::Budget { avg_bits: 4.0, sensitivity: SensSource::WeightFro }, ..p.clone() };
+        let b =
+            PointSpec { policy: PolicySpec::Budget { avg_bits: 4.0, sensitivity: SensSource::WeightFro }, ..p.clone() };
         assert_eq!(b.name(), "budget4 weight_fro");
         assert_eq!(parse_side_bits("16").unwrap(), None);
         assert_eq!(parse_side_bits("1.58").unwrap(), Some(Bits::B1_58));

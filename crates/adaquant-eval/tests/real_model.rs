@@ -67,7 +67,8 @@ fn parallel_equals_stepwise_on_the_real_model() {
         (prec(Bits::B8, 16, chan), prec(Bits::B5, 16, chan), 0, 4),
     ];
     for (k, v, residual, sinks) in layouts {
-        let spec = CacheSpec::Quant(QuantCacheConfig { layers: vec![LayerPrecision::new(k, v); n_layers], residual, sinks });
+        let spec =
+            CacheSpec::Quant(QuantCacheConfig { layers: vec![LayerPrecision::new(k, v); n_layers], residual, sinks });
         let mut one = spec.build(shape.clone()).unwrap();
         let mut many = spec.build(shape.clone()).unwrap();
         for (layer, (q, kk, vv)) in cap.0.iter().enumerate() {
@@ -86,7 +87,11 @@ fn parallel_equals_stepwise_on_the_real_model() {
             }
             let scale = out_one.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1.0);
             let d = max_abs_diff(&out_one, &out_many) / scale;
-            assert!(d < 1e-5, "{} layer {layer}: one append vs token by token differ by {d} (relative)", one.describe());
+            assert!(
+                d < 1e-5,
+                "{} layer {layer}: one append vs token by token differ by {d} (relative)",
+                one.describe()
+            );
         }
         assert_eq!(one.memory(), many.memory());
     }

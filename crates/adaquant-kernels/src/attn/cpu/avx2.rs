@@ -632,14 +632,17 @@ fn values_pt<const B: usize, const R: usize>(args: ValueArgs<'_, '_>) {
         let tile = (view.tokens - t0).min(TILE);
         meta_into(&view.scales, t0 * ng, &mut sc[..tile * ng]);
         meta_into(&view.mins, t0 * ng, &mut mn[..tile * ng]);
-        for tt in 0..tile {
-            for r in 0..R {
-                let pt = p[(r0 + r) * t_all + pos + t0 + tt];
-                for gi in 0..ng {
+        for r in 0..R {
+            let prow = &p[(r0 + r) * t_all + pos + t0..(r0 + r) * t_all + pos + t0 + tile];
+            for gi in 0..ng {
+                // Eight independent partial sums keep the additions off one dependency chain.
+                let mut lanes = [0f32; 8];
+                for (tt, &pt) in prow.iter().enumerate() {
                     let (s, m) = (sc[tt * ng + gi], mn[tt * ng + gi]);
                     wt[(tt * ng + gi) * R + r] = pt * s;
-                    msum[r * ng + gi] += pt * (m + c0 * s);
+                    lanes[tt % 8] += pt * (m + c0 * s);
                 }
+                msum[r * ng + gi] += lanes.iter().sum::<f32>();
             }
         }
         let (src, base) = if direct {
