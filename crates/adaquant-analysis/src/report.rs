@@ -74,7 +74,8 @@ impl Claim {
         } else if self.holds.is_empty() {
             format!("fails in all {n} layers")
         } else {
-            format!("holds in {} of {n} layers; fails in layers {}", self.holds.len(), ranges(&self.fails))
+            let noun = if self.fails.len() == 1 { "layer" } else { "layers" };
+            format!("holds in {} of {n} layers; fails in {noun} {}", self.holds.len(), ranges(&self.fails))
         }
     }
 }

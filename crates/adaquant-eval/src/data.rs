@@ -48,7 +48,7 @@ pub fn parse_hellaswag(text: &str, name: &str) -> Result<Vec<ChoiceItem>> {
     while n > 0 && lines[n - 1].trim().is_empty() {
         n -= 1;
     }
-    if n % 6 != 0 {
+    if !n.is_multiple_of(6) {
         return Err(malformed(
             name,
             n - n % 6 + 1,

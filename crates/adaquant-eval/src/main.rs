@@ -21,15 +21,15 @@ struct Cli {
 enum Command {
     /// Evaluate a grid of cache configurations (K x V bits, layouts, budgets) against the full-precision cache;
     /// resumable and shardable. With no arguments: the paper's key points and a budget-4 allocation.
-    Sweep(cli::SweepArgs),
+    Sweep(Box<cli::SweepArgs>),
     /// Norms and spectra of W_K/W_V and of K/V activations; writes report.json/md, plots and sensitivities.json.
-    Analyze(adaquant_analysis::AnalyzeArgs),
+    Analyze(Box<adaquant_analysis::AnalyzeArgs>),
     /// Greedy generation through any cache configuration.
-    Generate(adaquant_model::generate::GenerateArgs),
+    Generate(Box<adaquant_model::generate::GenerateArgs>),
     /// Perplexity (llama.cpp protocol) of one cache configuration, optionally with KL against the f32 cache.
-    Ppl(cli::PplArgs),
+    Ppl(Box<cli::PplArgs>),
     /// HellaSwag, ARC-Easy, LAMBADA and passkey accuracy of one cache configuration.
-    EvalTasks(cli::TasksArgs),
+    EvalTasks(Box<cli::TasksArgs>),
 }
 
 fn main() -> anyhow::Result<()> {

@@ -28,7 +28,14 @@ fn main() -> Result<(), adaquant_kernels::Error> {
     }
     let heads: Vec<HeadKv<'_>> = streams
         .iter()
-        .map(|(k, v)| HeadKv { sink_k: &[], sink_v: &[], k: Some(k.view()), v: Some(v.view()), tail_k: &[], tail_v: &[] })
+        .map(|(k, v)| HeadKv {
+            sink_k: &[],
+            sink_v: &[],
+            k: Some(k.view()),
+            v: Some(v.view()),
+            tail_k: &[],
+            tail_v: &[],
+        })
         .collect();
     let bytes: usize = streams.iter().map(|(k, v)| k.bytes() + v.bytes()).sum();
     let q = data(99, n_q * d);
@@ -39,6 +46,10 @@ fn main() -> Result<(), adaquant_kernels::Error> {
         decode_attention_serial(&q, &heads, d, 0.125, &mut out)?;
     }
     let t = start.elapsed().as_secs_f64() / reps as f64;
-    println!("K{kb}V{vb} ctx={ctx} ({n_q},{n_kv},{d}): {:.3} ms, {:.2} GB/s over {bytes} packed bytes", t * 1e3, bytes as f64 / t / 1e9);
+    println!(
+        "K{kb}V{vb} ctx={ctx} ({n_q},{n_kv},{d}): {:.3} ms, {:.2} GB/s over {bytes} packed bytes",
+        t * 1e3,
+        bytes as f64 / t / 1e9
+    );
     Ok(())
 }

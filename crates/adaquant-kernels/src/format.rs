@@ -262,7 +262,7 @@ impl QuantSpec {
         if self.group == 0 {
             return Err(Error::ZeroGroup);
         }
-        if self.axis == GroupAxis::PerToken && head_dim % self.group != 0 {
+        if self.axis == GroupAxis::PerToken && !head_dim.is_multiple_of(self.group) {
             return Err(Error::GroupDoesNotDivide {
                 group: self.group,
                 len: head_dim,

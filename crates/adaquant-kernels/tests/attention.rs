@@ -181,7 +181,7 @@ fn awkward_sizes() {
                             d,
                             n_kv: if gqa == 4 { 2 } else { 3 },
                             gqa,
-                            sink: if n % 3 == 0 { 5 } else { 0 },
+                            sink: if n.is_multiple_of(3) { 5 } else { 0 },
                             ctx,
                             tail,
                         };

@@ -5,11 +5,11 @@ use std::sync::OnceLock;
 
 use adaquant_cache::{FullPrecisionCache, KvCache};
 use adaquant_model::generate::{build_cache, generate_text};
-use adaquant_model::gguf::GgufFile;
+use adaquant_model::gguf::{Gguf, GgufFile};
 use adaquant_model::model::permute_rope_rows;
 use adaquant_model::paths::{default_model, require, wikitext2_test};
 use adaquant_model::perplexity::perplexity;
-use adaquant_model::{ForwardOptions, LayerHook, LayerTaps, LogitsRange, Model, Tokenizer};
+use adaquant_model::{ForwardOptions, LayerHook, LayerTaps, LogitsRange, Model, ModelError, Tokenizer};
 
 fn model(test: &str) -> Option<&'static Model> {
     static MODEL: OnceLock<Option<Model>> = OnceLock::new();
@@ -190,4 +190,43 @@ fn chat_answers_paris_through_a_quantized_cache() {
     let g = generate_text(m, "What is the capital of France?", true, 24, cache.as_mut()).unwrap();
     assert!(g.text.contains("Paris"), "answer through {}: {:?}", cache.describe(), g.text);
     assert!(cache.memory().bits_per_element() < 24.0, "{:?}", cache.memory().bits_per_element());
+}
+
+/// Prefixes and seeded byte corruptions of the real file's header give values or typed errors, never panics.
+#[test]
+fn truncated_and_corrupted_real_header() {
+    let Some(path) = require(default_model(), "truncated_and_corrupted_real_header") else { return };
+    let file = GgufFile::open(&path).unwrap();
+    let bytes = file.bytes();
+    let header_end = file.header.data_offset;
+    for cut in [0, 3, 4, 8, 23, 24, 1000, header_end / 2, header_end - 1, header_end, bytes.len() - 1] {
+        assert!(Gguf::parse(&bytes[..cut]).is_err(), "a {cut}-byte prefix parsed");
+    }
+    let mut seed = 99u64;
+    let mut next = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as usize
+    };
+    let mut head = bytes[..header_end].to_vec();
+    head.resize(header_end + 4096, 0);
+    let (mut ok, mut err) = (0, 0);
+    for _ in 0..100 {
+        let mut b = head.clone();
+        for _ in 0..4 {
+            // Corrupt the structural fields near the start and the tensor table near the end most often.
+            let at = match next() % 3 {
+                0 => next() % 64,
+                1 => header_end - 1 - next() % 20_000,
+                _ => next() % header_end,
+            };
+            b[at] = next() as u8;
+        }
+        match Gguf::parse(&b) {
+            Ok(_) => ok += 1,
+            Err(ModelError::Gguf { .. }) => err += 1,
+            Err(e) => panic!("unexpected error kind: {e}"),
+        }
+    }
+    assert_eq!(ok + err, 100);
+    assert!(err > 0, "no corruption was detected");
 }

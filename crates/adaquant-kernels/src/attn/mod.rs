@@ -46,7 +46,7 @@ impl<'a> HeadKv<'a> {
     pub fn check(&self, head: usize, head_dim: usize) -> Result<usize> {
         let d = head_dim;
         let whole = |what: &'static str, x: &[f32]| -> Result<usize> {
-            if x.len() % d != 0 {
+            if !x.len().is_multiple_of(d) {
                 return Err(Error::ShapeMismatch { what, expected: x.len() / d * d, got: x.len() });
             }
             Ok(x.len() / d)
@@ -87,7 +87,7 @@ fn check_step(q: &[f32], n_kv: usize, head_dim: usize, out: &[f32]) -> Result<us
     if head_dim == 0 {
         return Err(Error::ShapeMismatch { what: "head_dim (must be positive)", expected: 1, got: 0 });
     }
-    if q.len() % head_dim != 0 || q.is_empty() {
+    if !q.len().is_multiple_of(head_dim) || q.is_empty() {
         return Err(Error::ShapeMismatch {
             what: "query ([n_q_heads][head_dim])",
             expected: (q.len() / head_dim).max(1) * head_dim,
@@ -98,7 +98,7 @@ fn check_step(q: &[f32], n_kv: usize, head_dim: usize, out: &[f32]) -> Result<us
         return Err(Error::ShapeMismatch { what: "output ([n_q_heads][head_dim])", expected: q.len(), got: out.len() });
     }
     let n_q = q.len() / head_dim;
-    if n_kv == 0 || n_q % n_kv != 0 {
+    if n_kv == 0 || !n_q.is_multiple_of(n_kv) {
         return Err(Error::BadGqa { n_q_heads: n_q, n_kv_heads: n_kv });
     }
     Ok(n_q / n_kv)
@@ -173,7 +173,7 @@ fn check_baseline<T>(q: &[f32], keys: &[&[T]], values: &[&[T]], head_dim: usize,
         return Err(Error::ShapeMismatch { what: "value heads", expected: keys.len(), got: values.len() });
     }
     for (h, (k, v)) in keys.iter().zip(values).enumerate() {
-        if k.len() % head_dim != 0 {
+        if !k.len().is_multiple_of(head_dim) {
             return Err(Error::ShapeMismatch {
                 what: "keys ([tokens][head_dim])",
                 expected: k.len() / head_dim * head_dim,

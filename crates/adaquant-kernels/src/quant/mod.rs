@@ -256,7 +256,7 @@ impl PackedStream {
 
     fn push_with(&mut self, x: &[f32], fast: bool) -> Result<()> {
         let d = self.head_dim;
-        if x.len() % d != 0 {
+        if !x.len().is_multiple_of(d) {
             return Err(Error::ShapeMismatch {
                 what: "pushed values (a whole number of tokens of head_dim)",
                 expected: x.len() / d * d,
@@ -268,7 +268,7 @@ impl PackedStream {
             return Ok(());
         }
         let spec = self.spec;
-        if spec.axis == GroupAxis::PerChannel && t % spec.group != 0 {
+        if spec.axis == GroupAxis::PerChannel && !t.is_multiple_of(spec.group) {
             return Err(Error::GroupDoesNotDivide {
                 group: spec.group,
                 len: t,
@@ -385,7 +385,7 @@ impl<'a> PackedView<'a> {
                 got: tokens,
             });
         }
-        if self.spec.axis == GroupAxis::PerChannel && tokens % self.spec.group != 0 {
+        if self.spec.axis == GroupAxis::PerChannel && !tokens.is_multiple_of(self.spec.group) {
             return Err(Error::GroupDoesNotDivide {
                 group: self.spec.group,
                 len: tokens,
@@ -416,7 +416,7 @@ impl<'a> PackedView<'a> {
         if d == 0 {
             return Err(Error::BadView { what: "head_dim", expected: 1, got: 0 });
         }
-        if self.spec.axis == GroupAxis::PerChannel && self.tokens % self.spec.group != 0 {
+        if self.spec.axis == GroupAxis::PerChannel && !self.tokens.is_multiple_of(self.spec.group) {
             return Err(Error::GroupDoesNotDivide {
                 group: self.spec.group,
                 len: self.tokens,

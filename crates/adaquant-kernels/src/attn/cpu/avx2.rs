@@ -66,7 +66,7 @@ fn exp8(x: __m256) -> __m256 {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.000_000_1e-1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
     let y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
     let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
     _mm256_mul_ps(y, _mm256_castsi256_ps(e))
@@ -83,7 +83,7 @@ fn exp1(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -138,7 +138,7 @@ macro_rules! dispatch {
 /// that each block or token is unpacked into (width 8).
 fn code_width(view: &PackedView<'_>) -> (usize, bool) {
     let g = view.spec.group;
-    let aligned = g % 8 == 0 && (view.spec.axis == GroupAxis::PerChannel || view.head_dim % 8 == 0);
+    let aligned = g.is_multiple_of(8) && (view.spec.axis == GroupAxis::PerChannel || view.head_dim.is_multiple_of(8));
     match view.spec.bits {
         Bits::B1_58 => (8, false),
         _ if !aligned => (8, false),
@@ -163,7 +163,7 @@ pub(super) fn attend_head(q: &[f32], head: &HeadKv<'_>, d: usize, scale: f32, ou
         pos,
     );
     if let Some(k) = &head.k {
-        if k.spec.group % 8 == 0 {
+        if k.spec.group.is_multiple_of(8) {
             packed_scores(&s.qq, k, &mut s.scores, t_all, pos, &mut s.codes, &mut s.tmp);
         } else {
             generic::packed_scores(&s.qq, k, &mut s.scores, t_all, pos, &mut s.codes, &mut s.tmp);
@@ -192,7 +192,7 @@ pub(super) fn attend_head(q: &[f32], head: &HeadKv<'_>, d: usize, scale: f32, ou
         pos,
     );
     if let Some(v) = &head.v {
-        if v.spec.group % 8 == 0 {
+        if v.spec.group.is_multiple_of(8) {
             packed_values(&s.scores, t_all, v, &mut s.acc, pos, &mut s.codes, &mut s.tmp);
         } else {
             generic::packed_values(&s.scores, t_all, v, &mut s.acc, pos, &mut s.codes, &mut s.tmp);

@@ -1,0 +1,61 @@
+//! Criterion benchmarks of the forward pass: the faer product against its plain-loop twin, and prefill and decode
+//! of the default model through the f32 cache (skipped with a message when the model is absent).
+
+use adaquant_cache::{FullPrecisionCache, KvCache};
+use adaquant_model::linalg::{matmul_t, matmul_t_ref};
+use adaquant_model::paths::{default_model, require};
+use adaquant_model::{ForwardOptions, LogitsRange, Model};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+fn matmul(c: &mut Criterion) {
+    let mut g = c.benchmark_group("matmul_t");
+    g.sample_size(10);
+    for &(n, k, m) in &[(1usize, 576usize, 1536usize), (64, 576, 1536), (512, 576, 1536)] {
+        let x: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let w: Vec<f32> = (0..m * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let mut out = vec![0.0f32; n * m];
+        g.throughput(Throughput::Elements((2 * n * k * m) as u64));
+        g.bench_with_input(BenchmarkId::new("faer", format!("{n}x{k}x{m}")), &(), |b, _| {
+            b.iter(|| matmul_t(&x, n, k, &w, m, &mut out))
+        });
+        if n <= 64 {
+            g.bench_with_input(BenchmarkId::new("reference", format!("{n}x{k}x{m}")), &(), |b, _| {
+                b.iter(|| matmul_t_ref(&x, n, k, &w, m, &mut out))
+            });
+        }
+    }
+    g.finish();
+}
+
+fn model(c: &mut Criterion) {
+    let Some(path) = require(default_model(), "forward benchmarks") else { return };
+    let model = Model::load(&path).expect("the default model loads");
+    let tokens: Vec<u32> = (0..512u32).map(|i| 100 + (i * 37) % 20000).collect();
+    let mut cache = FullPrecisionCache::new(model.cache_shape(1024)).unwrap();
+    let mut g = c.benchmark_group("smollm2_f32_cache");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(512));
+    g.bench_function("prefill_512_last_logits", |b| {
+        b.iter(|| {
+            cache.clear();
+            model.forward(&tokens, &mut cache, &mut ForwardOptions::new(LogitsRange::Last)).unwrap()
+        })
+    });
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("decode_one_token_at_depth_512", |b| {
+        cache.clear();
+        model.forward(&tokens, &mut cache, &mut ForwardOptions::new(LogitsRange::Last)).unwrap();
+        b.iter(|| {
+            // Each step appends one token; start over before the cache fills.
+            if cache.seq_len(0) + 1 > 1024 {
+                cache.clear();
+                model.forward(&tokens, &mut cache, &mut ForwardOptions::new(LogitsRange::Last)).unwrap();
+            }
+            model.forward(&[tokens[7]], &mut cache, &mut ForwardOptions::new(LogitsRange::Last)).unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, matmul, model);
+criterion_main!(benches);
