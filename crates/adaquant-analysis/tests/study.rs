@@ -289,4 +289,7 @@ fn weights_only_report_has_no_activation_kinds() {
     assert!(report.sensitivities("weight_spec").is_some());
     let json = serde_json::to_value(&report).unwrap();
     assert!(json["layers"][0].get("k").is_none());
+    let back: Report = serde_json::from_value(json).unwrap();
+    assert!(back.layers.iter().all(|l| l.activations.is_none()));
+    assert_eq!(back.claims.len(), 2);
 }

@@ -290,13 +290,13 @@ pub struct PplArgs {
 
 /// `adaquant ppl`.
 pub fn ppl(a: &PplArgs) -> anyhow::Result<()> {
+    let cache_spec = parse_cache(&a.cache)?;
     let model_path = a.model.clone().unwrap_or_else(paths::default_model);
     let model = load_model(&model_path)?;
     let tokens = tokenize_text(&model, &a.text.clone().unwrap_or_else(paths::wikitext2_test))?;
     let spec = TextEvalSpec { ctx: a.ctx, windows: a.windows, topk: a.ref_topk };
     let windows = spec.windows(&tokens)?;
     let shape = model.cache_shape(a.ctx);
-    let cache_spec = parse_cache(&a.cache)?;
     let processed = (windows.len() * a.ctx) as u64;
     let mut fp = CacheSpec::FullF32.build(shape.clone())?;
     let mut p = Progress::new("f32 reference", processed, "tokens");
@@ -373,9 +373,10 @@ pub fn eval_tasks(a: &TasksArgs) -> anyhow::Result<()> {
             other => bail!("unknown task '{other}': use hellaswag, arc, lambada, passkey"),
         }
     }
+    let cache_spec = parse_cache(&a.cache)?;
     let model = load_model(&a.model.clone().unwrap_or_else(paths::default_model))?;
     let max_seq = sel.passkey.as_ref().and_then(|p| p.lengths.iter().max().copied()).unwrap_or(0).max(2048) + 64;
-    let mut cache = parse_cache(&a.cache)?.build(model.cache_shape(max_seq))?;
+    let mut cache = cache_spec.build(model.cache_shape(max_seq))?;
     let plan_paths = TaskData {
         hellaswag: if sel.hellaswag.is_some() { crate::data::load_hellaswag(&paths::hellaswag())? } else { Vec::new() },
         arc: if sel.arc_easy.is_some() { crate::data::load_arc(&paths::arc_easy())? } else { Vec::new() },

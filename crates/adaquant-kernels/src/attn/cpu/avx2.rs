@@ -26,15 +26,30 @@ unsafe fn load8<const B: usize>(p: *const u8, i: usize) -> __m256 {
             return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(i) as *const __m128i)));
         }
         let off = i / 8 * B;
-        let mut w = 0u64;
-        std::ptr::copy_nonoverlapping(p.add(off), &mut w as *mut u64 as *mut u8, B);
-        let w = u64::from_le(w);
+        let q = p.add(off);
         let b = B as i32;
+        let mask = _mm256_set1_epi32((1i32 << B) - 1);
+        if B <= 4 {
+            // The unit fits one 32-bit word: read exactly its B bytes, broadcast, shift lane k by k * B.
+            let w: u32 = match B {
+                1 => *q as u32,
+                2 => u16::from_le(std::ptr::read_unaligned(q as *const u16)) as u32,
+                3 => u16::from_le(std::ptr::read_unaligned(q as *const u16)) as u32 | (*q.add(2) as u32) << 16,
+                _ => u32::from_le(std::ptr::read_unaligned(q as *const u32)),
+            };
+            let shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+            return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts), mask));
+        }
+        // Five or six bytes: lanes 0..4 from the low word, lanes 4..8 from the bits after the fourth code.
+        let lo32 = u32::from_le(std::ptr::read_unaligned(q as *const u32)) as u64;
+        let w = match B {
+            5 => lo32 | (*q.add(4) as u64) << 32,
+            _ => lo32 | (u16::from_le(std::ptr::read_unaligned(q.add(4) as *const u16)) as u64) << 32,
+        };
         let shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 0, b, 2 * b, 3 * b);
         let lo = _mm_set1_epi32(w as u32 as i32);
         let hi = _mm_set1_epi32((w >> (4 * B)) as u32 as i32);
         let words = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi);
-        let mask = _mm256_set1_epi32((1i32 << B) - 1);
         _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(words, shifts), mask))
     }
 }
