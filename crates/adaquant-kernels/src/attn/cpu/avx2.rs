@@ -16,6 +16,8 @@ use crate::format::{Bits, GroupAxis};
 use crate::pack;
 use crate::quant::{MetaView, PackedView};
 
+mod avx512;
+
 /// Eight codes starting at code index `i` (a multiple of 8 for `B < 8`) of a stream of `B`-bit codes.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -450,6 +452,7 @@ fn keys_pc<const B: usize, const R: usize>(args: KeyArgs<'_, '_>) {
     if !direct {
         codes.resize(g * d, 0);
     }
+    let wide = direct && avx512::supports(B, g);
     for blk in 0..view.tokens / g {
         meta_into(&view.scales, blk * d, sc);
         meta_into(&view.mins, blk * d, mn);
@@ -480,6 +483,15 @@ fn keys_pc<const B: usize, const R: usize>(args: KeyArgs<'_, '_>) {
             pack::unpack_range(view.spec.bits, view.codes, blk * g * d, codes);
             (codes.as_ptr(), 0)
         };
+        if wide {
+            // SAFETY: AVX-512F was detected (`supports`); the block's codes lie in the stream, `qs` has `R * d`
+            // entries and the `g` scores of each query row `r0 + r` start at the pointer passed.
+            unsafe {
+                let out = scores.as_mut_ptr().add(r0 * t_all + pos + blk * g);
+                avx512::key_block::<B, R>(src, base, g, d, qs, &bias, out, t_all);
+            }
+            continue;
+        }
         let mut j = 0;
         // Sixteen tokens per pass give 2R independent accumulator chains, enough to hide the FMA latency.
         while j + 16 <= g {
@@ -634,7 +646,7 @@ fn values_pt<const B: usize, const R: usize>(args: ValueArgs<'_, '_>) {
     let ng = d / g;
     const TILE: usize = 32;
     // tmp: per-(query, group) sums of p * (min + center * scale), a tile of scales and minimums, and the tile's
-    // weights p * scale laid out [token][group][query].
+    // weights p * scale laid out [group][query][token].
     resize(tmp, R * ng + 2 * TILE * ng + TILE * ng * R);
     let (msum, rest) = tmp.split_at_mut(R * ng);
     let (sc, rest) = rest.split_at_mut(TILE * ng);
@@ -642,6 +654,7 @@ fn values_pt<const B: usize, const R: usize>(args: ValueArgs<'_, '_>) {
     if !direct {
         codes.resize(TILE * d, 0);
     }
+    let wide = direct && avx512::supports(B, g);
     let mut t0 = 0;
     while t0 < view.tokens {
         let tile = (view.tokens - t0).min(TILE);
@@ -650,14 +663,30 @@ fn values_pt<const B: usize, const R: usize>(args: ValueArgs<'_, '_>) {
         for r in 0..R {
             let prow = &p[(r0 + r) * t_all + pos + t0..(r0 + r) * t_all + pos + t0 + tile];
             for gi in 0..ng {
-                // Eight independent partial sums keep the additions off one dependency chain.
-                let mut lanes = [0f32; 8];
-                for (tt, &pt) in prow.iter().enumerate() {
-                    let (s, m) = (sc[tt * ng + gi], mn[tt * ng + gi]);
-                    wt[(tt * ng + gi) * R + r] = pt * s;
-                    lanes[tt % 8] += pt * (m + c0 * s);
+                let wrow = &mut wt[(gi * R + r) * TILE..(gi * R + r) * TILE + tile];
+                // Eight lanes of partial sums keep the additions off one dependency chain.
+                let mut lanes = _mm256_setzero_ps();
+                let mut tt = 0;
+                if ng == 1 {
+                    while tt + 8 <= tile {
+                        // SAFETY: `tt + 8 <= tile`, the length of `prow`, `wrow`, and of `sc` and `mn` (one group).
+                        unsafe {
+                            let pv = _mm256_loadu_ps(prow.as_ptr().add(tt));
+                            let sv = _mm256_loadu_ps(sc.as_ptr().add(tt));
+                            let mv = _mm256_loadu_ps(mn.as_ptr().add(tt));
+                            _mm256_storeu_ps(wrow.as_mut_ptr().add(tt), _mm256_mul_ps(pv, sv));
+                            lanes = _mm256_fmadd_ps(pv, _mm256_fmadd_ps(c0v, sv, mv), lanes);
+                        }
+                        tt += 8;
+                    }
                 }
-                msum[r * ng + gi] += lanes.iter().sum::<f32>();
+                let mut rest = 0f32;
+                for tt in tt..tile {
+                    let (pt, s, m) = (prow[tt], sc[tt * ng + gi], mn[tt * ng + gi]);
+                    wrow[tt] = pt * s;
+                    rest += pt * (m + c0 * s);
+                }
+                msum[r * ng + gi] += hsum(lanes) + rest;
             }
         }
         let (src, base) = if direct {
@@ -666,26 +695,37 @@ fn values_pt<const B: usize, const R: usize>(args: ValueArgs<'_, '_>) {
             pack::unpack_range(view.spec.bits, view.codes, t0 * d, &mut codes[..tile * d]);
             (codes.as_ptr(), 0)
         };
+        if wide {
+            // SAFETY: AVX-512F was detected (`supports`); the tile's codes lie in the stream, `wt` holds the tile's
+            // weights and accumulator rows `r0 .. r0 + R` have `d` entries each.
+            unsafe {
+                let a = acc.as_mut_ptr().add(r0 * d);
+                avx512::value_tile::<B, R>(src, base, tile, d, g, wt, TILE, a, c0);
+            }
+            t0 += tile;
+            continue;
+        }
         let mut k = 0;
         while k < d {
             let two = k + 16 <= d && (k % g) + 16 <= g;
             let gi = k / g;
             let mut a = [[_mm256_setzero_ps(); 2]; R];
             for tt in 0..tile {
-                let w = &wt[(tt * ng + gi) * R..(tt * ng + gi + 1) * R];
-                // SAFETY: codes `base + tt * d + k .. + 8 (or 16)` belong to token `t0 + tt`.
+                // SAFETY: codes `base + tt * d + k .. + 8 (or 16)` belong to token `t0 + tt`; the weight of query
+                // `r < R` is at `(gi * R + r) * TILE + tt < ng * R * TILE`, the length of `wt`.
                 unsafe {
+                    let w = wt.as_ptr().add(gi * R * TILE + tt);
                     let f0 = _mm256_sub_ps(load8::<B>(src, base + tt * d + k), c0v);
                     if two {
                         let f1 = _mm256_sub_ps(load8::<B>(src, base + tt * d + k + 8), c0v);
                         for r in 0..R {
-                            let wv = _mm256_set1_ps(w[r]);
+                            let wv = _mm256_set1_ps(*w.add(r * TILE));
                             a[r][0] = _mm256_fmadd_ps(wv, f0, a[r][0]);
                             a[r][1] = _mm256_fmadd_ps(wv, f1, a[r][1]);
                         }
                     } else {
                         for r in 0..R {
-                            a[r][0] = _mm256_fmadd_ps(_mm256_set1_ps(w[r]), f0, a[r][0]);
+                            a[r][0] = _mm256_fmadd_ps(_mm256_set1_ps(*w.add(r * TILE)), f0, a[r][0]);
                         }
                     }
                 }

@@ -1,0 +1,219 @@
+//! AVX-512 inner loops of the two hottest packed kernels: per-channel keys and per-token values.
+//!
+//! They run inside the AVX2 kernels (which keep the metadata handling) when the CPU has AVX-512F, the width `B` is
+//! 1, 2, 4 or 8 and the group size is a multiple of 16. Sixteen codes go to sixteen f32 lanes with one broadcast
+//! load, one variable shift, one mask and one conversion. For `B = 4` the sixteen codes are the 64-bit word of
+//! the unit broadcast to every 64-bit lane, so the lanes hold the codes in the order `0, 8, 1, 9, ..`; the kernels
+//! accumulate in that order and restore the natural order once, when they write results out.
+
+use std::arch::x86_64::*;
+
+/// Lane order of [`load16`] for `B = 4`: output element `j` is lane `UNPERM[j]`.
+const UNPERM: [i32; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15];
+
+/// Sixteen codes starting at code index `i` (a multiple of 16 for `B < 8`) of a stream of `B`-bit codes,
+/// `B` in {1, 2, 4, 8}; for `B = 4` in the lane order described in the module documentation.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn load16<const B: usize>(p: *const u8, i: usize) -> __m512 {
+    debug_assert!(B == 8 || i.is_multiple_of(16));
+    // SAFETY (for the whole function): callers guarantee that the codes `i .. i + 16` lie inside the stream; each
+    // arm reads exactly their `2 * B` bytes.
+    unsafe {
+        let q = p.add(i * B / 8);
+        match B {
+            8 => _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(q as *const __m128i))),
+            4 => {
+                let w = u64::from_le(std::ptr::read_unaligned(q as *const u64)) as i64;
+                let sh = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+                let v = _mm512_srlv_epi32(_mm512_set1_epi64(w), sh);
+                _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))
+            }
+            2 => {
+                let w = u32::from_le(std::ptr::read_unaligned(q as *const u32)) as i32;
+                let sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                let v = _mm512_srlv_epi32(_mm512_set1_epi32(w), sh);
+                _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(3)))
+            }
+            _ => {
+                let w = u16::from_le(std::ptr::read_unaligned(q as *const u16)) as i32;
+                let sh = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                let v = _mm512_srlv_epi32(_mm512_set1_epi32(w), sh);
+                _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(1)))
+            }
+        }
+    }
+}
+
+/// Puts sixteen lanes produced from [`load16`] codes back into natural order.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn unperm<const B: usize>(v: __m512) -> __m512 {
+    if B == 4 {
+        // SAFETY: sixteen indices from a sixteen-element array.
+        let idx = unsafe { _mm512_loadu_si512(UNPERM.as_ptr() as *const _) };
+        _mm512_permutexvar_ps(idx, v)
+    } else {
+        v
+    }
+}
+
+/// Whether the AVX-512 loops handle codes of width `B` with group size `g`.
+pub(super) fn supports(b: usize, g: usize) -> bool {
+    matches!(b, 1 | 2 | 4 | 8) && g.is_multiple_of(16) && crate::simd::active() >= crate::simd::SimdLevel::Avx512
+}
+
+/// Scores of all `g` tokens of one per-channel key block for `R` queries: `out[r * t_all + j] = bias[r] +
+/// sum_c qs[r * d + c] * code[c * g + j]`, codes from `src` at code index `base`.
+///
+/// # Safety
+/// The codes `base .. base + g * d` lie in the stream at `src`; `qs` has `R * d` entries; `out` points to query
+/// `0`'s first score of the block and rows `r * t_all .. r * t_all + g` are writable for `r < R`; `g` is a multiple
+/// of 16 and the CPU has AVX-512F.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(super) unsafe fn key_block<const B: usize, const R: usize>(
+    src: *const u8,
+    base: usize,
+    g: usize,
+    d: usize,
+    qs: &[f32],
+    bias: &[f32; R],
+    out: *mut f32,
+    t_all: usize,
+) {
+    debug_assert!(g.is_multiple_of(16) && qs.len() >= R * d);
+    let mut j = 0;
+    // SAFETY: forwarded from the caller; `j + 16 * N <= g` in each call.
+    unsafe {
+        while j + 64 <= g {
+            key_tile::<B, R, 4>(src, base + j, g, d, qs, bias, out.add(j), t_all);
+            j += 64;
+        }
+        while j < g {
+            key_tile::<B, R, 1>(src, base + j, g, d, qs, bias, out.add(j), t_all);
+            j += 16;
+        }
+    }
+}
+
+/// `16 * N` tokens of [`key_block`], starting at code index `base` of channel 0.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn key_tile<const B: usize, const R: usize, const N: usize>(
+    src: *const u8,
+    base: usize,
+    g: usize,
+    d: usize,
+    qs: &[f32],
+    bias: &[f32; R],
+    out: *mut f32,
+    t_all: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
+    for r in 0..R {
+        acc[r] = [_mm512_set1_ps(bias[r]); N];
+    }
+    let qp = qs.as_ptr();
+    for c in 0..d {
+        let mut f = [_mm512_setzero_ps(); N];
+        for (n, fv) in f.iter_mut().enumerate() {
+            // SAFETY: codes `base + c * g + 16 n .. + 16` lie in the block (caller).
+            *fv = unsafe { load16::<B>(src, base + c * g + 16 * n) };
+        }
+        for r in 0..R {
+            // SAFETY: `r * d + c < R * d <= qs.len()`.
+            let w = _mm512_set1_ps(unsafe { *qp.add(r * d + c) });
+            for n in 0..N {
+                acc[r][n] = _mm512_fmadd_ps(w, f[n], acc[r][n]);
+            }
+        }
+    }
+    for r in 0..R {
+        for n in 0..N {
+            // SAFETY: sixteen scores of row `r` inside the block (caller).
+            unsafe { _mm512_storeu_ps(out.add(r * t_all + 16 * n), unperm::<B>(acc[r][n])) };
+        }
+    }
+}
+
+/// Adds `sum_tt wt[(k / g * R + r) * ws + tt] * (code[tt * d + k] - c0)` over the `tile` tokens of a per-token
+/// value tile to `acc[r * d + k]` for all channels `k` and `R` queries.
+///
+/// # Safety
+/// The codes `base .. base + tile * d` lie in the stream at `src`; `wt` has `ng * R * ws` entries with
+/// `ng = d / g` and `tile <= ws`; `acc` points to `R` rows of `d` writable accumulators; `g` is a multiple of 16, `d` a multiple of
+/// `g`, and the CPU has AVX-512F.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn value_tile<const B: usize, const R: usize>(
+    src: *const u8,
+    base: usize,
+    tile: usize,
+    d: usize,
+    g: usize,
+    wt: &[f32],
+    ws: usize,
+    acc: *mut f32,
+    c0: f32,
+) {
+    debug_assert!(g.is_multiple_of(16) && d.is_multiple_of(g) && tile <= ws && wt.len() >= (d / g) * R * ws);
+    let mut k = 0;
+    // SAFETY: forwarded from the caller; each call covers channels inside one group.
+    unsafe {
+        while k < d {
+            if k % g + 64 <= g {
+                value_channels::<B, R, 4>(src, base, tile, d, g, k, wt, ws, acc, c0);
+                k += 64;
+            } else {
+                value_channels::<B, R, 1>(src, base, tile, d, g, k, wt, ws, acc, c0);
+                k += 16;
+            }
+        }
+    }
+}
+
+/// Channels `k .. k + 16 * N` (inside one group) of [`value_tile`].
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn value_channels<const B: usize, const R: usize, const N: usize>(
+    src: *const u8,
+    base: usize,
+    tile: usize,
+    d: usize,
+    g: usize,
+    k: usize,
+    wt: &[f32],
+    ws: usize,
+    acc: *mut f32,
+    c0: f32,
+) {
+    let gi = k / g;
+    let c0v = _mm512_set1_ps(c0);
+    let mut a = [[_mm512_setzero_ps(); N]; R];
+    let wp = wt.as_ptr();
+    for tt in 0..tile {
+        let mut f = [_mm512_setzero_ps(); N];
+        for (n, fv) in f.iter_mut().enumerate() {
+            // SAFETY: codes of token `tt`, channels `k + 16 n .. + 16`, lie in the tile (caller).
+            *fv = _mm512_sub_ps(unsafe { load16::<B>(src, base + tt * d + k + 16 * n) }, c0v);
+        }
+        for r in 0..R {
+            // SAFETY: `(gi * R + r) * ws + tt < ng * R * ws <= wt.len()`.
+            let w = _mm512_set1_ps(unsafe { *wp.add((gi * R + r) * ws + tt) });
+            for n in 0..N {
+                a[r][n] = _mm512_fmadd_ps(w, f[n], a[r][n]);
+            }
+        }
+    }
+    for r in 0..R {
+        for n in 0..N {
+            // SAFETY: accumulator row `r` has `d` entries and `k + 16 (n + 1) <= d`.
+            unsafe {
+                let ap = acc.add(r * d + k + 16 * n);
+                _mm512_storeu_ps(ap, _mm512_add_ps(_mm512_loadu_ps(ap), unperm::<B>(a[r][n])));
+            }
+        }
+    }
+}
