@@ -193,7 +193,7 @@ impl QuantCacheConfig {
                 let field = format!("layers[{i}].{side}.group");
                 s.validate(shape.head_dim)
                     .map_err(|e| CacheError::Field { field: field.clone(), msg: e.to_string() })?;
-                if s.axis == GroupAxis::PerChannel && self.residual % s.group != 0 {
+                if s.axis == GroupAxis::PerChannel && !self.residual.is_multiple_of(s.group) {
                     return Err(CacheError::Field {
                         field,
                         msg: format!(

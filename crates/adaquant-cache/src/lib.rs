@@ -78,7 +78,7 @@ impl CacheShape {
         if self.n_layers == 0 || self.n_q_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 {
             return Err(CacheError::InvalidConfig(format!("cache shape has a zero dimension: {self:?}")));
         }
-        if self.n_q_heads % self.n_kv_heads != 0 {
+        if !self.n_q_heads.is_multiple_of(self.n_kv_heads) {
             return Err(CacheError::InvalidConfig(format!(
                 "n_q_heads ({}) must be a multiple of n_kv_heads ({})",
                 self.n_q_heads, self.n_kv_heads
@@ -187,7 +187,7 @@ pub fn check_kv_args(shape: &CacheShape, layer: usize, k: &[f32], v: &[f32]) -> 
         )));
     }
     let kv = shape.kv_row();
-    if k.len() % kv != 0 {
+    if !k.len().is_multiple_of(kv) {
         return Err(CacheError::Shape { what: "k", expected: kv, got: k.len() });
     }
     if v.len() != k.len() {
@@ -217,7 +217,7 @@ pub fn check_append_args(
         )));
     }
     let kv = shape.kv_row();
-    if k.len() % kv != 0 {
+    if !k.len().is_multiple_of(kv) {
         return Err(CacheError::Shape { what: "k", expected: kv, got: k.len() });
     }
     let n = k.len() / kv;

@@ -95,7 +95,7 @@ fn main() -> Result<(), adaquant_kernels::Error> {
     let gbs = bytes as f64 / t / 1e9;
     println!(
         "K{kb}V{vb} ctx={ctx} ({n_q},{n_kv},{d}) simd={}: {:.3} ms, {:.2} GB/s over {bytes} packed bytes ({:.0}% of copy \
-         bandwidth {copy:.1} GB/s); f16 baseline {:.3} ms ({:.2} GB/s); {:.2}x faster than f16",
+         bandwidth {copy:.1} GB/s); f16 baseline {:.3} ms ({:.2} GB/s); speed-up over f16 {:.2}x",
         adaquant_kernels::simd::active().name(),
         t * 1e3,
         gbs,

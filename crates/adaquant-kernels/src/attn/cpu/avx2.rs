@@ -644,7 +644,7 @@ fn values_pt<const B: usize, const R: usize>(args: ValueArgs<'_, '_>) {
     let c0 = center(view.spec.bits);
     let c0v = _mm256_set1_ps(c0);
     let ng = d / g;
-    const TILE: usize = 32;
+    const TILE: usize = 64;
     // tmp: per-(query, group) sums of p * (min + center * scale), a tile of scales and minimums, and the tile's
     // weights p * scale laid out [group][query][token].
     resize(tmp, R * ng + 2 * TILE * ng + TILE * ng * R);

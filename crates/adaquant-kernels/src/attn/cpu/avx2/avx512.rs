@@ -6,6 +6,8 @@
 //! the unit broadcast to every 64-bit lane, so the lanes hold the codes in the order `0, 8, 1, 9, ..`; the kernels
 //! accumulate in that order and restore the natural order once, when they write results out.
 
+// AVX-512 intrinsics and target features are stable since Rust 1.89, the workspace's minimum version.
+
 use std::arch::x86_64::*;
 
 /// Lane order of [`load16`] for `B = 4`: output element `j` is lane `UNPERM[j]`.
