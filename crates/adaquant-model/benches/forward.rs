@@ -1,8 +1,9 @@
-//! Criterion benchmarks of the forward pass: the faer product against its plain-loop twin, and prefill and decode
+//! Criterion benchmarks of the forward pass: the batch-invariant product against faer's GEMM (the baseline, same
+//! process) and the plain-loop twin, and prefill and decode
 //! of the default model through the f32 cache (skipped with a message when the model is absent).
 
 use adaquant_cache::{FullPrecisionCache, KvCache};
-use adaquant_model::linalg::{matmul_t, matmul_t_ref};
+use adaquant_model::linalg::{matmul_t, matmul_t_faer, matmul_t_ref};
 use adaquant_model::paths::{default_model, require};
 use adaquant_model::{ForwardOptions, LogitsRange, Model};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -16,6 +17,9 @@ fn matmul(c: &mut Criterion) {
         let mut out = vec![0.0f32; n * m];
         g.throughput(Throughput::Elements((2 * n * k * m) as u64));
         g.bench_with_input(BenchmarkId::new("faer", format!("{n}x{k}x{m}")), &(), |b, _| {
+            b.iter(|| matmul_t_faer(&x, n, k, &w, m, &mut out))
+        });
+        g.bench_with_input(BenchmarkId::new("batch_invariant", format!("{n}x{k}x{m}")), &(), |b, _| {
             b.iter(|| matmul_t(&x, n, k, &w, m, &mut out))
         });
         if n <= 64 {

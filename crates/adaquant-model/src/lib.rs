@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod error;
+pub mod gemm;
 pub mod generate;
 pub mod gguf;
 mod hf;

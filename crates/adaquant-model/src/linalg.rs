@@ -1,4 +1,5 @@
-//! Dense f32 helpers of the forward pass: `x · Wᵀ` through faer, with a plain-loop twin, RMSNorm and SiLU.
+//! Dense f32 helpers of the forward pass: `x · Wᵀ` (the batch-invariant kernel of [`crate::gemm`], faer's GEMM as
+//! the speed baseline, and a plain f64 twin), RMSNorm and SiLU.
 //!
 //! faer 0.24's matrix multiply can leave the upper halves of the AVX registers dirty, after which glibc's `expf`
 //! and `sincosf` run 20-60x slower (SSE/AVX transition penalties). The workspace builds with
@@ -9,11 +10,14 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+pub use crate::gemm::{matmul_t, matmul_t_lanes_ref};
+
 /// Row counts at or above this use rayon inside faer; below it the threads cost more than they save.
 const PAR_MIN_ROWS: usize = 4;
 
-/// `out[n][m] = x[n][k] · w[m][k]ᵀ` (a linear layer with `[out][in]` row-major weights).
-pub fn matmul_t(x: &[f32], n: usize, k: usize, w: &[f32], m: usize, out: &mut [f32]) {
+/// `out[n][m] = x[n][k] · w[m][k]ᵀ` through faer's GEMM. Not batch-invariant (a single row and a panel of rows take
+/// different kernels); kept as the speed baseline that `benches/forward.rs` compares [`matmul_t`] with.
+pub fn matmul_t_faer(x: &[f32], n: usize, k: usize, w: &[f32], m: usize, out: &mut [f32]) {
     debug_assert_eq!(x.len(), n * k);
     debug_assert_eq!(w.len(), m * k);
     debug_assert_eq!(out.len(), n * m);
@@ -70,6 +74,12 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    fn slow0(x: &[f32], n: usize, k: usize, w: &[f32], m: usize) -> Vec<f32> {
+        let mut out = vec![0.0; n * m];
+        matmul_t_ref(x, n, k, w, m, &mut out);
+        out
+    }
+
     #[test]
     fn matmul_matches_reference_on_awkward_sizes() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
@@ -79,6 +89,11 @@ mod tests {
             let mut fast = vec![f32::NAN; n * m];
             let mut slow = vec![0.0; n * m];
             matmul_t(&x, n, k, &w, m, &mut fast);
+            let mut faer = vec![f32::NAN; n * m];
+            matmul_t_faer(&x, n, k, &w, m, &mut faer);
+            for (i, (a, b)) in faer.iter().zip(&slow0(&x, n, k, &w, m)).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * (k as f32).sqrt(), "faer {n}x{k}x{m} element {i}: {a} vs {b}");
+            }
             matmul_t_ref(&x, n, k, &w, m, &mut slow);
             for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
                 assert!((a - b).abs() <= 1e-5 * (k as f32).sqrt(), "{n}x{k}x{m} element {i}: {a} vs {b}");
