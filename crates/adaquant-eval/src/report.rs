@@ -78,6 +78,7 @@ pub fn markdown_table(records: &[PointResult]) -> String {
         head.push_str(" tok/s |");
         rule.push_str(" ---: |");
         let _ = writeln!(out, "{head}\n{rule}");
+        let mut footnote = false;
         for r in rs {
             let dppl = base.map_or("-".into(), |b| format!("{:+.3}", r.ppl - b));
             let _ = write!(
@@ -100,12 +101,21 @@ pub fn markdown_table(records: &[PointResult]) -> String {
             for t in &task_names {
                 match r.tasks.get(*t) {
                     Some(tr) => {
-                        let _ = write!(out, " {:.3} ({}) |", tr.accuracy, tr.total);
+                        let unquantized = r.policy != "full" && tr.quantized == Some(0);
+                        footnote |= unquantized;
+                        let _ =
+                            write!(out, " {:.3} ({}){} |", tr.accuracy, tr.total, if unquantized { " †" } else { "" });
                     }
                     None => out.push_str(" - |"),
                 }
             }
             let _ = writeln!(out, " {:.0} |", r.tokens_per_s);
+        }
+        if footnote {
+            out.push_str(
+                "\n† No prompt of this task reached the quantized part of the cache (all shorter than the exact window \
+                 and sinks): the accuracy equals the full-precision cache's by construction. Rerun with `--residual 0`.\n",
+            );
         }
         out.push('\n');
     }
@@ -274,6 +284,26 @@ mod tests {
         assert!(order[0] < order[1] && order[1] < order[2], "{t}");
         assert!(t.contains("+2.000") && t.contains("+10.000"), "{t}");
         assert!(t.contains("4 windows of 512 tokens (1020 scored tokens)"));
+        assert!(!t.contains('†'), "{t}");
+    }
+
+    #[test]
+    fn tasks_that_never_reached_the_quantized_cache_are_marked() {
+        use crate::tasks::TaskResult;
+        let task = |quantized| TaskResult { correct: 5, total: 10, accuracy: 0.5, quantized, ..Default::default() };
+        let mut full = rec("full", "full", 16.0, 16.0, 20.0, 0.0, 32.0);
+        full.tasks.insert("arc_easy".into(), task(Some(0)));
+        let mut a = rec("K4V2", "fixed", 4.0, 2.0, 22.0, 0.1, 3.5);
+        a.tasks.insert("arc_easy".into(), task(Some(0)));
+        let mut b = rec("K2V4", "fixed", 2.0, 4.0, 25.0, 0.3, 3.5);
+        b.tasks.insert("arc_easy".into(), task(Some(7)));
+        let mut old = rec("K8V8", "fixed", 8.0, 8.0, 20.1, 0.01, 8.5);
+        old.tasks.insert("arc_easy".into(), task(None));
+        let t = markdown_table(&[full, a, b, old]);
+        let marked: Vec<&str> = t.lines().filter(|l| l.starts_with("| ") && l.contains("0.500 (10) †")).collect();
+        assert_eq!(marked.len(), 1, "{t}");
+        assert!(marked[0].starts_with("| K4V2 "), "{t}");
+        assert!(t.contains("† No prompt of this task reached the quantized part"), "{t}");
     }
 
     #[test]

@@ -596,6 +596,16 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
             m
         };
         let task_results = run_tasks(lm, cache.as_mut(), &plan.tasks, &task_data, &label)?;
+        if point.policy != PolicySpec::Full {
+            for (task, t) in task_results.iter().filter(|(_, t)| t.quantized == Some(0) && t.total > 0) {
+                eprintln!(
+                    "note: {label}: no {task} prompt reached the quantized part of the cache (exact window {} tokens, \
+                     sinks {}), so its accuracy equals the full-precision cache's by construction; run with \
+                     --residual 0 (or a window shorter than the prompts) to measure it",
+                    point.residual, point.sinks
+                );
+            }
+        }
         let (k_bits, v_bits, lk, lv) = match &layers {
             None => (16.0, 16.0, Vec::new(), Vec::new()),
             Some(ls) => {

@@ -24,18 +24,29 @@ pub struct TaskResult {
     /// Tokens run through the model.
     pub tokens: usize,
     pub wall_s: f64,
+    /// Items scored while the cache held quantized keys or values (part of the prompt had left the exact window
+    /// and the sinks). With 0 the accuracy is the full-precision cache's by construction: the prompts are shorter
+    /// than the exact window (`--residual`). `None` in records written before this was counted.
+    #[serde(default)]
+    pub quantized: Option<usize>,
 }
 
 impl TaskResult {
-    fn finish(correct: usize, total: usize, tokens: usize, start: Instant) -> TaskResult {
+    fn finish(correct: usize, total: usize, tokens: usize, quantized: usize, start: Instant) -> TaskResult {
         TaskResult {
             correct,
             total,
             accuracy: correct as f64 / total.max(1) as f64,
             tokens,
             wall_s: start.elapsed().as_secs_f64(),
+            quantized: Some(quantized),
         }
     }
+}
+
+/// Whether any layer of `cache` holds packed (quantized) tokens right now.
+pub fn holds_quantized(cache: &dyn KvCache) -> bool {
+    cache.memory().layers.iter().any(|l| l.k_code_bytes + l.v_code_bytes > 0)
 }
 
 /// Splits `context + continuation` into context tokens and continuation tokens the way llama.cpp does: tokenize
@@ -60,6 +71,8 @@ pub struct ContinuationScore {
     pub logp: f64,
     pub tokens: usize,
     pub greedy: bool,
+    /// The cache held quantized tokens when the continuation was scored.
+    pub quantized: bool,
 }
 
 /// Scores `tokens[start..]` given `tokens[..start]`, through a cleared cache in one forward.
@@ -83,7 +96,7 @@ pub fn score_continuation(
         sum += lp[t as usize] as f64;
         greedy &= argmax(row) == t;
     }
-    Ok(ContinuationScore { logp: sum, tokens: tokens.len() - start, greedy })
+    Ok(ContinuationScore { logp: sum, tokens: tokens.len() - start, greedy, quantized: holds_quantized(cache) })
 }
 
 /// Multiple-choice accuracy over the first `limit` items (all when `None`).
@@ -96,22 +109,25 @@ pub fn multiple_choice(
 ) -> Result<TaskResult> {
     let start = Instant::now();
     let items = &items[..limit.unwrap_or(items.len()).min(items.len())];
-    let (mut correct, mut tokens) = (0, 0);
+    let (mut correct, mut tokens, mut quantized) = (0, 0, 0);
     for item in items {
         let mut best = (f64::NEG_INFINITY, 0);
+        let mut any_quantized = false;
         for (i, ending) in item.endings.iter().enumerate() {
             let (toks, at) = split_continuation(lm, &item.context, ending)?;
             let s = score_continuation(lm, cache, &toks, at)?;
             tokens += toks.len();
+            any_quantized |= s.quantized;
             let norm = s.logp / s.tokens as f64;
             if norm > best.0 {
                 best = (norm, i);
             }
         }
         correct += (best.1 == item.gold) as usize;
+        quantized += any_quantized as usize;
         progress(1);
     }
-    Ok(TaskResult::finish(correct, items.len(), tokens, start))
+    Ok(TaskResult::finish(correct, items.len(), tokens, quantized, start))
 }
 
 /// LAMBADA accuracy: greedy decoding must reproduce every token of the last word.
@@ -124,15 +140,16 @@ pub fn lambada(
 ) -> Result<TaskResult> {
     let start = Instant::now();
     let items = &items[..limit.unwrap_or(items.len()).min(items.len())];
-    let (mut correct, mut tokens) = (0, 0);
+    let (mut correct, mut tokens, mut quantized) = (0, 0, 0);
     for item in items {
         let (toks, at) = split_continuation(lm, &item.context, &format!(" {}", item.target))?;
         let s = score_continuation(lm, cache, &toks, at)?;
         tokens += toks.len();
         correct += s.greedy as usize;
+        quantized += s.quantized as usize;
         progress(1);
     }
-    Ok(TaskResult::finish(correct, items.len(), tokens, start))
+    Ok(TaskResult::finish(correct, items.len(), tokens, quantized, start))
 }
 
 /// Greedy generation of `max_new` tokens after `prompt`, through a cleared cache.
@@ -182,7 +199,7 @@ pub fn passkey(
 ) -> Result<TaskResult> {
     let start = Instant::now();
     let mut rng = SplitMix(spec.seed);
-    let (mut correct, mut total, mut tokens) = (0, 0, 0);
+    let (mut correct, mut total, mut tokens, mut quantized) = (0, 0, 0, 0);
     for &len in &spec.lengths {
         for &depth in &spec.depths {
             for _ in 0..spec.trials {
@@ -193,6 +210,7 @@ pub fn passkey(
                 let p = passkey_prompt(target, depth, key, &mut count)?;
                 let prompt = lm.encode(&p.text, false)?;
                 let gen = greedy_generate(lm, cache, &prompt, 8)?;
+                quantized += holds_quantized(cache) as usize;
                 let text = lm.decode(&gen)?;
                 correct += passkey_answer_correct(&text, key) as usize;
                 total += 1;
@@ -201,7 +219,7 @@ pub fn passkey(
             }
         }
     }
-    Ok(TaskResult::finish(correct, total, tokens, start))
+    Ok(TaskResult::finish(correct, total, tokens, quantized, start))
 }
 
 #[cfg(test)]
@@ -296,6 +314,40 @@ mod tests {
             assert_eq!(argmax(&logits[i * lm.vocab..(i + 1) * lm.vocab]), g);
         }
         assert!(greedy_generate(&lm, &mut c, &[], 3).is_err());
+    }
+
+    #[test]
+    fn quantized_items_are_counted_only_past_the_exact_window() {
+        use adaquant_cache::CacheSpec;
+        let lm = ToyLm::small(3);
+        let items = vec![
+            LastWordItem { context: "a short one".into(), target: "x".into() },
+            LastWordItem {
+                context: "a much longer context that runs on and on for many more tokens".into(),
+                target: "y".into(),
+            },
+        ];
+        let lens: Vec<usize> = items
+            .iter()
+            .map(|it| split_continuation(&lm, &it.context, &format!(" {}", it.target)).unwrap().0.len())
+            .collect();
+        assert!(lens[0] < lens[1]);
+        // An exact window between the two prompt lengths: only the longer prompt reaches the packed part.
+        let residual = (lens[0] + lens[1]) / 2;
+        for (spec, expect) in [
+            (format!("k4v2-g16-r{residual}"), 1),
+            ("k4v2-g16-r0".to_string(), 2),
+            (format!("k4v2-g16-r{}", lens[1] + 1), 0),
+            ("f32".to_string(), 0),
+        ] {
+            let mut c = spec.parse::<CacheSpec>().unwrap().build(lm.cache_shape(256)).unwrap();
+            let r = lambada(&lm, c.as_mut(), &items, None, &mut |_| {}).unwrap();
+            assert_eq!(r.quantized, Some(expect), "{spec} with prompts of {lens:?} tokens");
+        }
+        let mut full = FullPrecisionCache::new(lm.cache_shape(256)).unwrap();
+        assert!(!holds_quantized(&full));
+        lm.forward(&[1, 2, 3], &mut full, 2).unwrap();
+        assert!(!holds_quantized(&full));
     }
 
     #[test]
