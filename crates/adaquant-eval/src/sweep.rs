@@ -597,7 +597,7 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
         };
         let task_results = run_tasks(lm, cache.as_mut(), &plan.tasks, &task_data, &label)?;
         if point.policy != PolicySpec::Full {
-            for (task, t) in task_results.iter().filter(|(_, t)| t.quantized == Some(0) && t.total > 0) {
+            for (task, _) in task_results.iter().filter(|(_, t)| t.quantized == Some(0) && t.total > 0) {
                 eprintln!(
                     "note: {label}: no {task} prompt reached the quantized part of the cache (exact window {} tokens, \
                      sinks {}), so its accuracy equals the full-precision cache's by construction; run with \
