@@ -133,16 +133,21 @@ impl PointSpec {
         }
     }
 
-    /// The configuration part of the key (layout included, so grids over layouts stay distinct).
-    pub fn config_key(&self) -> String {
-        let layout = format!(
+    /// The layout part of the key: group, axes, exact window and sinks.
+    pub fn layout_key(&self) -> String {
+        format!(
             "g{}|k{}|v{}|r{}|s{}",
             self.group,
             axis_short(self.k_axis),
             axis_short(self.v_axis),
             self.residual,
             self.sinks
-        );
+        )
+    }
+
+    /// The configuration part of the key (layout included, so grids over layouts stay distinct).
+    pub fn config_key(&self) -> String {
+        let layout = self.layout_key();
         match &self.policy {
             PolicySpec::Full => "full".into(),
             PolicySpec::Fixed { k, v } => format!("fixed|K{}|V{}|{layout}", side_name(*k), side_name(*v)),
@@ -411,7 +416,8 @@ pub fn resolve_layers(
     match &point.policy {
         PolicySpec::Full | PolicySpec::Fixed { .. } => Ok(point.layers_fixed(n_layers)),
         PolicySpec::Budget { avg_bits, sensitivity } => {
-            let name = format!("{}|{}", sensitivity.name(), point.config_key());
+            // Sensitivities depend on the layout, not on the budget: budgets of one layout share a measurement.
+            let name = format!("{}|{}", sensitivity.name(), point.layout_key());
             let sens = match sens_cache.get(&name) {
                 Some(s) => s.clone(),
                 None => {
@@ -683,6 +689,35 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budgets_of_one_layout_share_measured_sensitivities() {
+        use crate::lm::ToyLm;
+        use crate::metrics::{build_reference, TextEvalSpec};
+        let lm = ToyLm::small(9);
+        let tokens: Vec<u32> = (0..96u32).map(|i| (i * 7 + 3) % 60).collect();
+        let text = TextEvalSpec { ctx: 32, windows: 2, topk: 0 };
+        let windows = text.windows(&tokens).unwrap();
+        let mut fp = CacheSpec::FullF32.build(lm.cache_shape(32)).unwrap();
+        let reference = build_reference(&lm, fp.as_mut(), &windows, &text, &mut |_| {}).unwrap();
+        let mut sens = BTreeMap::new();
+        let point = |avg_bits, residual| PointSpec {
+            policy: PolicySpec::Budget { avg_bits, sensitivity: SensSource::Kl },
+            group: 16,
+            k_axis: GroupAxis::PerToken,
+            v_axis: GroupAxis::PerToken,
+            residual,
+            sinks: 0,
+        };
+        let n_layers = lm.cache_shape(32).n_layers;
+        for (bits, residual) in [(3.0, 0), (4.0, 0), (5.0, 0)] {
+            let layers = resolve_layers(&lm, &point(bits, residual), &windows, &reference, 32, &mut sens).unwrap();
+            assert_eq!(layers.unwrap().len(), n_layers);
+        }
+        assert_eq!(sens.len(), 1, "one measurement for three budgets of one layout");
+        resolve_layers(&lm, &point(4.0, 8), &windows, &reference, 32, &mut sens).unwrap();
+        assert_eq!(sens.len(), 2, "another exact window is another layout");
+    }
 
     #[test]
     fn shards_partition_the_points() {
