@@ -55,18 +55,7 @@ impl PackedLayer {
 
     /// The heads as the attention kernels take them (no sinks, no tail).
     pub fn heads(&self) -> Vec<HeadKv<'_>> {
-        self.k
-            .iter()
-            .zip(&self.v)
-            .map(|(k, v)| HeadKv {
-                sink_k: &[],
-                sink_v: &[],
-                k: Some(k.view()),
-                v: Some(v.view()),
-                tail_k: &[],
-                tail_v: &[],
-            })
-            .collect()
+        self.k.iter().zip(&self.v).map(|(k, v)| HeadKv::packed(k.view(), v.view())).collect()
     }
 
     /// Packed bytes the kernel reads (codes and metadata of keys and values).

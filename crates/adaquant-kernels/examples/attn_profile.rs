@@ -51,17 +51,7 @@ fn main() -> Result<(), adaquant_kernels::Error> {
         let to16 = |x: &[f32]| -> Vec<f16> { x.iter().map(|&y| f16::from_f32(y)).collect() };
         dense.push((to16(&k), to16(&v)));
     }
-    let heads: Vec<HeadKv<'_>> = streams
-        .iter()
-        .map(|(k, v)| HeadKv {
-            sink_k: &[],
-            sink_v: &[],
-            k: Some(k.view()),
-            v: Some(v.view()),
-            tail_k: &[],
-            tail_v: &[],
-        })
-        .collect();
+    let heads: Vec<HeadKv<'_>> = streams.iter().map(|(k, v)| HeadKv::packed(k.view(), v.view())).collect();
     let bytes: usize = streams.iter().map(|(k, v)| k.bytes() + v.bytes()).sum();
     let bytes16 = 2 * n_kv * ctx * d * 2;
     let k16: Vec<&[f16]> = dense.iter().map(|(k, _)| k.as_slice()).collect();

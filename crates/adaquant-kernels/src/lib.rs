@@ -13,7 +13,7 @@
 //! let ks = quant::quantize(&QuantSpec::new(Bits::B4, 64, GroupAxis::PerChannel), d, &k)?;
 //! let vs = quant::quantize(&QuantSpec::new(Bits::B2, 64, GroupAxis::PerToken), d, &v)?;
 //! assert_eq!(ks.bytes(), ks.spec().bytes(tokens, 1, d));
-//! let head = attn::HeadKv { sink_k: &[], sink_v: &[], k: Some(ks.view()), v: Some(vs.view()), tail_k: &[], tail_v: &[] };
+//! let head = attn::HeadKv::packed(ks.view(), vs.view());
 //! let q = vec![0.1f32; 3 * d]; // Three query heads share this KV head.
 //! let mut out = vec![0f32; 3 * d];
 //! attn::decode_attention(&q, &[head], d, 1.0 / (d as f32).sqrt(), &mut out)?;

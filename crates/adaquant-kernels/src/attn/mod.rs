@@ -37,6 +37,11 @@ impl<'a> HeadKv<'a> {
         HeadKv { sink_k: &[], sink_v: &[], k: None, v: None, tail_k: k, tail_v: v }
     }
 
+    /// A head held entirely in packed form (no sinks, no exact tail).
+    pub fn packed(k: PackedView<'a>, v: PackedView<'a>) -> HeadKv<'a> {
+        HeadKv { sink_k: &[], sink_v: &[], k: Some(k), v: Some(v), tail_k: &[], tail_v: &[] }
+    }
+
     /// Total tokens of keys (equal to values' for a valid head).
     pub fn tokens(&self, head_dim: usize) -> usize {
         (self.sink_k.len() + self.tail_k.len()) / head_dim.max(1) + self.k.map_or(0, |v| v.tokens)
