@@ -24,6 +24,7 @@ pub mod linalg;
 pub mod model;
 pub mod paths;
 pub mod perplexity;
+pub mod qgemm;
 pub mod quant;
 pub mod tokenizer;
 
