@@ -206,6 +206,10 @@ impl KvCache for FullPrecisionCache {
             FullDtype::F16 => "f16".into(),
         }
     }
+
+    fn snapshot(&self) -> Option<Box<dyn KvCache>> {
+        Some(Box::new(self.clone()))
+    }
 }
 
 /// Reference twin of the full-precision attention: causal attention of the queries of positions

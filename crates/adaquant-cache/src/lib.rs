@@ -175,6 +175,12 @@ pub trait KvCache: Send {
 
     /// A short human-readable name of the configuration (e.g. `f32`, `K4V2 g64 r128`).
     fn describe(&self) -> String;
+
+    /// An independent copy of this cache and everything it holds, where the cache supports it (benchmarks measure
+    /// several runs from one filled state this way); `None` otherwise.
+    fn snapshot(&self) -> Option<Box<dyn KvCache>> {
+        None
+    }
 }
 
 /// Checks the keys and values of an append (layer in range, whole tokens, equal lengths, finite) and returns the

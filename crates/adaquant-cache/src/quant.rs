@@ -372,4 +372,8 @@ impl KvCache for QuantizedCache {
     fn describe(&self) -> String {
         self.config.describe()
     }
+
+    fn snapshot(&self) -> Option<Box<dyn KvCache>> {
+        Some(Box::new(self.clone()))
+    }
 }

@@ -20,6 +20,7 @@
 //! assert!(reference.metrics.ppl > 1.0);
 //! ```
 
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod error;

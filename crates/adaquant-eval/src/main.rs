@@ -30,6 +30,8 @@ enum Command {
     Ppl(Box<cli::PplArgs>),
     /// HellaSwag, ARC-Easy, LAMBADA and passkey accuracy of one cache configuration.
     EvalTasks(Box<cli::TasksArgs>),
+    /// Prompt and decoding speed at given cache depths, per cache configuration (after llama-bench).
+    Bench(Box<adaquant_eval::bench::BenchArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +44,9 @@ fn main() -> anyhow::Result<()> {
         }),
         Command::Ppl(a) => cli::ppl(&a),
         Command::EvalTasks(a) => cli::eval_tasks(&a),
+        Command::Bench(a) => adaquant_eval::bench::run(&a, &|spec, shape| {
+            let spec = cli::parse_cache(spec)?;
+            spec.build(shape).context("building the cache")
+        }),
     }
 }

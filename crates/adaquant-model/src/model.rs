@@ -358,6 +358,25 @@ impl Model {
         &self.weights
     }
 
+    /// Bytes the weights occupy in memory.
+    pub fn resident_weight_bytes(&self) -> usize {
+        let w = &self.weights;
+        let mut n = w.tok_embd.len() + w.out_norm.len() + w.output.as_ref().map_or(0, Vec::len);
+        for l in &w.layers {
+            n += [&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_norm, &l.w_gate, &l.w_up, &l.w_down]
+                .iter()
+                .map(|v| v.len())
+                .sum::<usize>();
+            n += [&l.bq, &l.bk, &l.bv].iter().map(|b| b.as_ref().map_or(0, Vec::len)).sum::<usize>();
+        }
+        n * std::mem::size_of::<f32>()
+    }
+
+    /// How the linear layers compute: `f32` (weights dequantized at load).
+    pub fn weights_kind(&self) -> &'static str {
+        "f32"
+    }
+
     /// The cache shape of this model for contexts of up to `max_seq_len` tokens.
     pub fn cache_shape(&self, max_seq_len: usize) -> CacheShape {
         let c = &self.config;
