@@ -204,7 +204,7 @@ pub fn run(a: &BenchArgs, build: &BuildCache<'_>) -> anyhow::Result<()> {
     }
     let model_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let weight_bytes = model.resident_weight_bytes();
-    let weights_kind = model.weights_kind().to_string();
+    let weights_kind = model.weights_mode().name().to_string();
     let rev = git_rev();
     let fill = tokens(model.config.vocab, max_depth, 0x5eed);
     let prompt = tokens(model.config.vocab, a.pp.max(1), 0xbeef);

@@ -15,6 +15,11 @@ use adaquant_eval::cli;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How linear layers compute: `packed` keeps GGUF weights in their block formats (8-bit block activations,
+    /// integer dot products, about 0.6 bytes per Q4 weight); `f32` dequantizes them at load (the reference path,
+    /// and always the path of safetensors checkpoints).
+    #[arg(long, global = true, value_enum, default_value_t = adaquant_model::WeightsMode::F32)]
+    weights: adaquant_model::WeightsMode,
 }
 
 #[derive(Subcommand)]
@@ -35,7 +40,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    adaquant_model::set_default_weights_mode(cli.weights);
+    match cli.command {
         Command::Sweep(a) => cli::sweep(&a),
         Command::Analyze(a) => adaquant_analysis::run(&a).map(|out| println!("analysis written to {}", out.display())),
         Command::Generate(a) => adaquant_model::generate::run_with(&a, &|spec, shape| {

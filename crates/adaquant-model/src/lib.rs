@@ -31,6 +31,7 @@ pub mod tokenizer;
 pub use config::{Arch, ModelConfig};
 pub use error::{ModelError, Result};
 pub use model::{
-    ForwardOptions, LayerHook, LayerTaps, LayerWeights, LayerWeightsView, Logits, LogitsRange, Model, Weights,
+    default_weights_mode, set_default_weights_mode, ForwardOptions, LayerHook, LayerTaps, LayerWeights,
+    LayerWeightsView, Logits, LogitsRange, Model, Weights, WeightsMode,
 };
 pub use tokenizer::Tokenizer;

@@ -5,9 +5,15 @@
 //! architecture store them permuted so that RoPE rotates adjacent pairs (`x[2i]`, `x[2i + 1]`), and the loader
 //! undoes that permutation. So keys, queries and hook taps have the same channel order whichever file a model
 //! came from.
+//!
+//! Weights of GGUF files can instead stay in their block formats ([`WeightsMode::Packed`]): every linear layer whose
+//! tensor has an integer-dot product in [`crate::qgemm`] then reads packed bytes, with 8-bit block activations, and
+//! its f32 copy is not kept. The f32 path stays the reference and the choice for safetensors checkpoints.
 
 use std::ops::Range;
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 use adaquant_cache::{CacheShape, KvCache};
 use rayon::prelude::*;
@@ -15,6 +21,7 @@ use rayon::prelude::*;
 use crate::config::{Arch, ModelConfig};
 use crate::gguf::GgufFile;
 use crate::linalg::{matmul_t, rms_norm, swiglu};
+use crate::qgemm::{self, PackedMatrix};
 use crate::tokenizer::Tokenizer;
 use crate::{ModelError, Result};
 
@@ -170,13 +177,83 @@ impl Logits {
     }
 }
 
-/// A loaded model: configuration, f32 weights and tokenizer.
+/// How the linear layers of a model compute.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightsMode {
+    /// Weights dequantized to f32 at load; products in f32 ([`crate::gemm`]). The reference.
+    #[default]
+    F32,
+    /// Weights kept in their GGUF block formats; 8-bit block activations and integer dot products
+    /// ([`crate::qgemm`]). Tensors without such a product (f16, f32, ...) and safetensors checkpoints stay f32.
+    Packed,
+}
+
+impl WeightsMode {
+    /// `f32` or `packed`.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightsMode::F32 => "f32",
+            WeightsMode::Packed => "packed",
+        }
+    }
+}
+
+/// 0: f32, 1: packed.
+static DEFAULT_WEIGHTS: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the mode [`Model::load`] uses in this process (programs set it from their `--weights` flag).
+pub fn set_default_weights_mode(mode: WeightsMode) {
+    DEFAULT_WEIGHTS.store(mode as u8, Ordering::Relaxed);
+}
+
+/// The mode [`Model::load`] uses: [`WeightsMode::F32`] unless [`set_default_weights_mode`] said otherwise.
+pub fn default_weights_mode() -> WeightsMode {
+    if DEFAULT_WEIGHTS.load(Ordering::Relaxed) == 1 {
+        WeightsMode::Packed
+    } else {
+        WeightsMode::F32
+    }
+}
+
+/// Index of each linear layer of a decoder layer in [`PackedLinears::layers`].
+#[derive(Clone, Copy)]
+enum Lin {
+    Q = 0,
+    K = 1,
+    V = 2,
+    O = 3,
+    Gate = 4,
+    Up = 5,
+    Down = 6,
+}
+
+/// The linear layers held in block formats; `None` where a tensor stays f32.
+#[derive(Clone, Debug, Default)]
+struct PackedLinears {
+    layers: Vec<[Option<PackedMatrix>; 7]>,
+    tok_embd: Option<PackedMatrix>,
+    output: Option<PackedMatrix>,
+}
+
+impl PackedLinears {
+    fn bytes(&self) -> usize {
+        let m = |p: &Option<PackedMatrix>| p.as_ref().map_or(0, PackedMatrix::bytes);
+        self.layers.iter().flatten().map(m).sum::<usize>() + m(&self.tok_embd) + m(&self.output)
+    }
+}
+
+/// A loaded model: configuration, weights and tokenizer.
 pub struct Model {
     pub config: ModelConfig,
     weights: Weights,
     tokenizer: Tokenizer,
     /// `1 / theta^(2i / head_dim)` for `i < head_dim / 2`, in f64.
     inv_freq: Vec<f64>,
+    /// Linear layers kept in block formats ([`WeightsMode::Packed`]); their f32 copies in `weights` are empty.
+    packed: Option<PackedLinears>,
+    /// f32 attention weights of a packed model, dequantized on first use by [`Model::layer_weights`].
+    attn_f32: OnceLock<Vec<[Vec<f32>; 4]>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -229,13 +306,144 @@ fn expect_len(name: &str, v: Vec<f32>, shape: &[usize], expected: &[usize]) -> R
     Ok(v)
 }
 
+/// The row order a permutation of whole rows produces: `unpermute_rope_rows` applied to row indices.
+fn unpermuted_row_order(n_heads: usize, head_dim: usize) -> Vec<usize> {
+    let idx: Vec<f32> = (0..n_heads * head_dim).map(|r| r as f32).collect();
+    unpermute_rope_rows(&idx, n_heads, head_dim, 1).into_iter().map(|r| r as usize).collect()
+}
+
 impl Model {
-    /// Loads a `.gguf` file, or a Hugging Face folder (`config.json`, `*.safetensors`, `tokenizer.json`).
+    /// Loads a `.gguf` file, or a Hugging Face folder (`config.json`, `*.safetensors`, `tokenizer.json`), with the
+    /// weights mode of [`default_weights_mode`].
     pub fn load(path: &Path) -> Result<Model> {
+        Self::load_with(path, default_weights_mode())
+    }
+
+    /// Loads a model with its linear layers computed as `mode` says (safetensors checkpoints are always f32).
+    pub fn load_with(path: &Path, mode: WeightsMode) -> Result<Model> {
         if path.is_dir() {
             crate::hf::load_hf_dir(path)
         } else {
-            Self::load_gguf(path)
+            let mut m = Self::load_gguf(path)?;
+            if mode == WeightsMode::Packed {
+                m.pack_from_gguf(&GgufFile::open(path)?)?;
+            }
+            Ok(m)
+        }
+    }
+
+    /// Replaces the f32 copies of every linear layer that has an integer-dot product by its packed GGUF bytes.
+    fn pack_from_gguf(&mut self, file: &GgufFile) -> Result<()> {
+        let c = self.config.clone();
+        let permuted = matches!(c.arch, Arch::Llama | Arch::Mistral);
+        let pack = |name: &str, order: Option<&[usize]>| -> Result<Option<PackedMatrix>> {
+            let Some(t) = file.header.tensor(name) else { return Ok(None) };
+            let ty = file.header.tensor_type(t)?;
+            if !PackedMatrix::supports(ty) || t.dims.len() != 2 {
+                return Ok(None);
+            }
+            let (cols, rows) = (t.dims[0], t.dims[1]);
+            let bytes = file.header.tensor_bytes(file.bytes(), t)?;
+            let data = match order {
+                None => bytes.to_vec(),
+                Some(order) => {
+                    let rb = bytes.len() / rows.max(1);
+                    let mut v = Vec::with_capacity(bytes.len());
+                    for &r in order {
+                        v.extend_from_slice(&bytes[r * rb..(r + 1) * rb]);
+                    }
+                    v
+                }
+            };
+            PackedMatrix::new(ty, rows, cols, data).map(Some)
+        };
+        let q_order = permuted.then(|| unpermuted_row_order(c.n_q_heads, c.head_dim));
+        let k_order = permuted.then(|| unpermuted_row_order(c.n_kv_heads, c.head_dim));
+        let layers = (0..c.n_layers)
+            .into_par_iter()
+            .map(|i| -> Result<[Option<PackedMatrix>; 7]> {
+                let p = |s: &str| format!("blk.{i}.{s}");
+                Ok([
+                    pack(&p("attn_q.weight"), q_order.as_deref())?,
+                    pack(&p("attn_k.weight"), k_order.as_deref())?,
+                    pack(&p("attn_v.weight"), None)?,
+                    pack(&p("attn_output.weight"), None)?,
+                    pack(&p("ffn_gate.weight"), None)?,
+                    pack(&p("ffn_up.weight"), None)?,
+                    pack(&p("ffn_down.weight"), None)?,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let packed = PackedLinears {
+            layers,
+            tok_embd: pack("token_embd.weight", None)?,
+            output: if self.weights.output.is_some() { pack("output.weight", None)? } else { None },
+        };
+        // Check every packed matrix against the f32 shapes the loader validated, then drop those copies.
+        let (h, qd, kvd) = (c.hidden, c.n_q_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let shapes = [(qd, h), (kvd, h), (kvd, h), (h, qd), (c.ffn, h), (c.ffn, h), (h, c.ffn)];
+        for (i, (pl, l)) in packed.layers.iter().zip(&mut self.weights.layers).enumerate() {
+            let f32s = [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down];
+            for ((pm, w), (rows, cols)) in pl.iter().zip(f32s).zip(shapes) {
+                if let Some(pm) = pm {
+                    if (pm.rows(), pm.cols()) != (rows, cols) {
+                        return Err(ModelError::TensorShape {
+                            name: format!("layer {i} packed weights"),
+                            expected: vec![rows, cols],
+                            got: vec![pm.rows(), pm.cols()],
+                        });
+                    }
+                    *w = Vec::new();
+                }
+            }
+        }
+        let mut heads = vec![(&packed.tok_embd, &mut self.weights.tok_embd)];
+        if let Some(o) = self.weights.output.as_mut() {
+            heads.push((&packed.output, o));
+        }
+        for (pm, w) in heads {
+            if let Some(pm) = pm {
+                if (pm.rows(), pm.cols()) != (c.vocab, h) {
+                    return Err(ModelError::TensorShape {
+                        name: "packed embedding or output".into(),
+                        expected: vec![c.vocab, h],
+                        got: vec![pm.rows(), pm.cols()],
+                    });
+                }
+                *w = Vec::new();
+            }
+        }
+        self.packed = Some(packed);
+        Ok(())
+    }
+
+    /// How the linear layers compute: [`WeightsMode::Packed`] when any layer reads block formats.
+    pub fn weights_mode(&self) -> WeightsMode {
+        if self.packed.is_some() {
+            WeightsMode::Packed
+        } else {
+            WeightsMode::F32
+        }
+    }
+
+    /// `out = x · Wᵀ` for linear layer `which` of decoder layer `li`, packed where the model holds it packed.
+    fn linear(
+        &self,
+        li: usize,
+        which: Lin,
+        x: &[f32],
+        n: usize,
+        k: usize,
+        w: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        match self.packed.as_ref().and_then(|p| p.layers[li][which as usize].as_ref()) {
+            Some(pm) => qgemm::linear(x, n, pm, out),
+            None => {
+                matmul_t(x, n, k, w, m, out);
+                Ok(())
+            }
         }
     }
 
@@ -345,7 +553,7 @@ impl Model {
         let half = c.head_dim / 2;
         let inv_freq =
             (0..half).map(|i| 1.0 / (c.rope_theta as f64).powf(2.0 * i as f64 / c.head_dim as f64)).collect();
-        Ok(Model { config, weights, tokenizer, inv_freq })
+        Ok(Model { config, weights, tokenizer, inv_freq, packed: None, attn_f32: OnceLock::new() })
     }
 
     /// The tokenizer.
@@ -369,12 +577,7 @@ impl Model {
                 .sum::<usize>();
             n += [&l.bq, &l.bk, &l.bv].iter().map(|b| b.as_ref().map_or(0, Vec::len)).sum::<usize>();
         }
-        n * std::mem::size_of::<f32>()
-    }
-
-    /// How the linear layers compute: `f32` (weights dequantized at load).
-    pub fn weights_kind(&self) -> &'static str {
-        "f32"
+        n * std::mem::size_of::<f32>() + self.packed.as_ref().map_or(0, PackedLinears::bytes)
     }
 
     /// The cache shape of this model for contexts of up to `max_seq_len` tokens.
@@ -387,11 +590,29 @@ impl Model {
     pub fn layer_weights(&self, layer: usize) -> LayerWeightsView<'_> {
         let l = &self.weights.layers[layer];
         let c = &self.config;
+        let [wq, wk, wv, wo]: [&[f32]; 4] = match &self.packed {
+            None => [&l.wq, &l.wk, &l.wv, &l.wo],
+            Some(p) => {
+                let all = self.attn_f32.get_or_init(|| {
+                    p.layers
+                        .iter()
+                        .zip(&self.weights.layers)
+                        .map(|(pl, l)| {
+                            let f =
+                                |i: usize, w: &Vec<f32>| pl[i].as_ref().map_or_else(|| w.clone(), |m| m.dequantize());
+                            [f(0, &l.wq), f(1, &l.wk), f(2, &l.wv), f(3, &l.wo)]
+                        })
+                        .collect()
+                });
+                let a = &all[layer];
+                [&a[0], &a[1], &a[2], &a[3]]
+            }
+        };
         LayerWeightsView {
-            wq: &l.wq,
-            wk: &l.wk,
-            wv: &l.wv,
-            wo: &l.wo,
+            wq,
+            wk,
+            wv,
+            wo,
             bq: l.bq.as_deref(),
             bk: l.bk.as_deref(),
             bv: l.bv.as_deref(),
@@ -475,8 +696,12 @@ impl Model {
         }
 
         let mut x = vec![0.0f32; n * h];
+        let packed_embd = self.packed.as_ref().and_then(|p| p.tok_embd.as_ref());
         for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
-            row.copy_from_slice(&self.weights.tok_embd[t as usize * h..(t as usize + 1) * h]);
+            match packed_embd {
+                Some(pm) => row.copy_from_slice(&pm.dequantize_row(t as usize)),
+                None => row.copy_from_slice(&self.weights.tok_embd[t as usize * h..(t as usize + 1) * h]),
+            }
         }
         let mut xn = vec![0.0f32; n * h];
         let mut q = vec![0.0f32; n * qd];
@@ -490,9 +715,9 @@ impl Model {
 
         for (li, l) in self.weights.layers.iter().enumerate() {
             rms_norm(&x, &l.attn_norm, c.rms_eps, &mut xn);
-            matmul_t(&xn, n, h, &l.wq, qd, &mut q);
-            matmul_t(&xn, n, h, &l.wk, kvd, &mut k);
-            matmul_t(&xn, n, h, &l.wv, kvd, &mut v);
+            self.linear(li, Lin::Q, &xn, n, h, &l.wq, qd, &mut q)?;
+            self.linear(li, Lin::K, &xn, n, h, &l.wk, kvd, &mut k)?;
+            self.linear(li, Lin::V, &xn, n, h, &l.wv, kvd, &mut v)?;
             for (buf, b, width) in [(&mut q, &l.bq, qd), (&mut k, &l.bk, kvd), (&mut v, &l.bv, kvd)] {
                 if let Some(b) = b {
                     for row in buf.chunks_exact_mut(width) {
@@ -511,14 +736,14 @@ impl Model {
                     LayerTaps { positions: start..start + n, k_pre_rope: &k_pre, k: &k, v: &v, q: &q, attn_out: &attn };
                 hook.on_layer(li, &taps);
             }
-            matmul_t(&attn, n, qd, &l.wo, h, &mut proj);
+            self.linear(li, Lin::O, &attn, n, qd, &l.wo, h, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
 
             rms_norm(&x, &l.ffn_norm, c.rms_eps, &mut xn);
-            matmul_t(&xn, n, h, &l.w_gate, c.ffn, &mut gate);
-            matmul_t(&xn, n, h, &l.w_up, c.ffn, &mut up);
+            self.linear(li, Lin::Gate, &xn, n, h, &l.w_gate, c.ffn, &mut gate)?;
+            self.linear(li, Lin::Up, &xn, n, h, &l.w_up, c.ffn, &mut up)?;
             swiglu(&mut gate, &up);
-            matmul_t(&gate, n, c.ffn, &l.w_down, h, &mut proj);
+            self.linear(li, Lin::Down, &gate, n, c.ffn, &l.w_down, h, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
 
@@ -528,8 +753,20 @@ impl Model {
             let xr = &x[rows.start * h..rows.end * h];
             let mut xo = vec![0.0f32; nr * h];
             rms_norm(xr, &self.weights.out_norm, c.rms_eps, &mut xo);
-            let head = self.weights.output.as_deref().unwrap_or(&self.weights.tok_embd);
-            matmul_t(&xo, nr, h, head, c.vocab, &mut data);
+            let packed_head = self.packed.as_ref().and_then(|p| {
+                if self.weights.output.is_some() {
+                    p.output.as_ref()
+                } else {
+                    p.tok_embd.as_ref()
+                }
+            });
+            match packed_head {
+                Some(pm) => qgemm::linear(&xo, nr, pm, &mut data)?,
+                None => {
+                    let head = self.weights.output.as_deref().unwrap_or(&self.weights.tok_embd);
+                    matmul_t(&xo, nr, h, head, c.vocab, &mut data);
+                }
+            }
         }
         Ok(Logits { vocab: c.vocab, first_pos: rows.start, data })
     }

@@ -265,11 +265,27 @@ fn run(x: &QuantizedRows, w: &PackedMatrix, out: &mut [f32], kernel: Kernel) -> 
     let dst = OutPtr(out.as_mut_ptr());
     let task = |t: usize| {
         let (rb, cb) = (t / col_blocks, t % col_blocks);
+        let rows = rb * MC..((rb + 1) * MC).min(n);
         for j in cb * NC..((cb + 1) * NC).min(m) {
-            for i in rb * MC..((rb + 1) * MC).min(n) {
+            let mut i = rows.start;
+            #[cfg(target_arch = "x86_64")]
+            if kernel == Kernel::Avx2 && x.kind == ActKind::Q8Block {
+                // Four activation rows share each unpacked weight block; every element keeps its own order.
+                while i + 4 <= rows.end {
+                    // SAFETY: AVX2 and FMA were detected; rows i..i + 4 exist and hold whole blocks.
+                    let v = unsafe { avx2::dot_32_rows::<4>(w.ty, w.row(j), x, i) };
+                    for (r, v) in v.into_iter().enumerate() {
+                        // SAFETY: tasks cover disjoint rectangles of `out`, whose length was checked above.
+                        unsafe { dst.write((i + r) * m + j, v) };
+                    }
+                    i += 4;
+                }
+            }
+            while i < rows.end {
                 let v = kernel.dot(x, i, w, j);
-                // SAFETY: tasks cover disjoint rectangles of `out`, whose length was checked above.
+                // SAFETY: as above.
                 unsafe { dst.write(i * m + j, v) };
+                i += 1;
             }
         }
     };
@@ -537,6 +553,78 @@ mod avx2 {
         }
     }
 
+    /// `R` elements of one weight row against activation rows `i0..i0 + R`, each by the contract: the weight
+    /// block is unpacked once for all `R` rows.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; rows `i0..i0 + R` of `x` exist and `w` is one row of `ty` with `x.k`
+    /// elements.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_32_rows<const R: usize>(
+        ty: GgmlType,
+        w: &[u8],
+        x: &super::QuantizedRows,
+        i0: usize,
+    ) -> [f32; R] {
+        let bb = ty.block_bytes();
+        let nb = w.len() / bb;
+        let k = x.k;
+        debug_assert!(x.n >= i0 + R && nb * QK == k);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut summ = [0.0f32; R];
+        let min = has_min(ty);
+        for b in 0..nb {
+            // SAFETY: block `b` of `w`, and block `b` of rows `i0..i0 + R` of `x`, exist (checked by the caller).
+            unsafe {
+                let blk = w.as_ptr().add(b * bb);
+                let dw = f16_at(w, b * bb);
+                let mw = if min { f16_at(w, b * bb + 2) } else { 0.0 };
+                let (c, off, sign) = if ty == GgmlType::Q8_0 {
+                    let c = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    (_mm256_sign_epi8(c, c), 0, Some(c))
+                } else {
+                    let (c, off) = codes(ty, blk);
+                    (c, off, None)
+                };
+                for r in 0..R {
+                    let row = i0 + r;
+                    let q = _mm256_loadu_si256(x.qs.as_ptr().add(row * k + b * QK) as *const __m256i);
+                    let p16 = match sign {
+                        Some(cs) => _mm256_maddubs_epi16(c, _mm256_sign_epi8(q, cs)),
+                        None if off != 0 => {
+                            _mm256_sub_epi16(_mm256_maddubs_epi16(c, q), _mm256_maddubs_epi16(_mm256_set1_epi8(off), q))
+                        }
+                        None => _mm256_maddubs_epi16(c, q),
+                    };
+                    let p32 = _mm256_madd_epi16(p16, ones);
+                    let xb = row * nb + b;
+                    let dd = _mm256_set1_ps(dw * *x.d.get_unchecked(xb));
+                    acc[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(p32), acc[r]);
+                    if min {
+                        summ[r] = mw.mul_add(*x.s.get_unchecked(xb), summ[r]);
+                    }
+                }
+            }
+        }
+        let mut out = [0.0f32; R];
+        for r in 0..R {
+            out[r] = reduce(acc[r]) + summ[r];
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn reduce(acc: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(acc);
+        let hi = _mm256_extractf128_ps(acc, 1);
+        let s4 = _mm_add_ps(lo, hi);
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+        _mm_cvtss_f32(s1)
+    }
+
     /// One element of a 32-element format by the contract.
     ///
     /// # Safety
@@ -577,12 +665,7 @@ mod avx2 {
                 }
             }
         }
-        let lo = _mm256_castps256_ps128(acc);
-        let hi = _mm256_extractf128_ps(acc, 1);
-        let s4 = _mm_add_ps(lo, hi);
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-        _mm_cvtss_f32(s1) + summ
+        reduce(acc) + summ
     }
 }
 
