@@ -33,6 +33,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before anything else: the build assumes x86-64-v3, and an older CPU would otherwise die with an illegal
+    // instruction.
+    adaquant_kernels::baseline::exit_unless_supported("adaquant");
     match Cli::parse().command {
         Command::Sweep(a) => cli::sweep(&a),
         Command::Analyze(a) => adaquant_analysis::run(&a).map(|out| println!("analysis written to {}", out.display())),

@@ -21,6 +21,7 @@
 //! ```
 
 pub mod attn;
+pub mod baseline;
 pub mod error;
 pub mod format;
 pub mod pack;
