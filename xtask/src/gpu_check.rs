@@ -103,8 +103,13 @@ pub fn run(args: &[String]) -> Result<()> {
 
     if args.run {
         let status = Command::new("bash").arg(&script).status().context("running run.sh")?;
-        if !status.success() {
-            bail!("run.sh failed ({status})");
+        match status.code() {
+            Some(0) => {}
+            Some(2) => bail!(
+                "the GPU check was not run: the GPU tests skipped (no usable GPU here); see {}",
+                out.join("results/summary.txt").display()
+            ),
+            _ => bail!("the GPU check failed ({status}); see {}", out.join("results/summary.txt").display()),
         }
     }
     Ok(())
@@ -218,18 +223,30 @@ fn write_manifest(root: &Path, out: &Path, arch: &str) -> Result<()> {
     Ok(())
 }
 
-/// The script that runs on the GPU machine.
+/// The script that runs on the GPU machine. Exit status 0: passed (the GPU tests ran and passed, the benchmark
+/// ran); 1: failed; 2: not run (a GPU test skipped, so there was no usable GPU, and the benchmark was not started).
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # adaquant GPU check: the CUDA tests, then copy bandwidth and the decode-attention benchmark.
 # Needs only an NVIDIA driver: kernels load from the bundled PTX (ADAQUANT_PTX_DIR), no NVRTC or toolkit.
 # Usage: bash run.sh [RESULTS_DIR]   (default: ./results next to this script)
+# Ends with one verdict, also the last line of RESULTS_DIR/summary.txt, and its exit status:
+#   GPU check: passed    (0) every test passed, the GPU tests skipped none, and the benchmark ran
+#   GPU check: FAILED    (1) a test binary or the benchmark failed
+#   GPU check: not run   (2) a GPU test skipped (no usable GPU here), so the benchmark was not started either
+# A test binary whose tests skipped is "not run", never "passed" (cuda_ptx skips without NVRTC, which a GPU
+# machine need not have; CI compiles every kernel to PTX instead).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here/results}"
 mkdir -p "$out"
 export ADAQUANT_PTX_DIR="$here/ptx"
 export RUST_BACKTRACE=1
-status=0
+summary="$out/summary.txt"
+: > "$summary"
+failed=0
+gpu_skips=0
+gpu_reason=""
+verdict() { echo "$1" | tee -a "$summary"; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv || true; } > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 for t in "$here"/bin/test-*; do
@@ -238,16 +255,44 @@ for t in "$here"/bin/test-*; do
     "$t" --test-threads=1 --nocapture > "$out/$name.log" 2>&1
     rc=$?
     grep -E "^test |test result|SKIPPED|panicked" "$out/$name.log"
+    skips="$(grep -c "SKIPPED " "$out/$name.log")"
     if [ "$rc" -ne 0 ]; then
-        echo "FAILED: $name (exit $rc), log in $out/$name.log"
-        status=1
+        verdict "$name: FAILED (exit $rc), log in $out/$name.log"
+        failed=1
+    elif [ "$skips" -gt 0 ]; then
+        verdict "$name: not run ($skips skipped; log in $out/$name.log)"
+    else
+        verdict "$name: passed"
     fi
+    case "$name" in
+        *cuda_gpu*)
+            gpu_skips="$skips"
+            gpu_reason="$(grep -m 1 -o "SKIPPED .*" "$out/$name.log")"
+            ;;
+    esac
 done
-echo "== cuda_bench"
-"$here/bin/cuda_bench" --json "$out/bench.jsonl" 2>&1 | tee "$out/bench.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: cuda_bench"; status=1; }
+if [ "$gpu_skips" -gt 0 ]; then
+    verdict "cuda_bench: not run (no usable GPU)"
+else
+    echo "== cuda_bench"
+    "$here/bin/cuda_bench" --json "$out/bench.jsonl" 2>&1 | tee "$out/bench.txt"
+    if [ "${PIPESTATUS[0]}" -eq 0 ]; then
+        verdict "cuda_bench: ran, results in $out/bench.jsonl"
+    else
+        verdict "cuda_bench: FAILED, log in $out/bench.txt"
+        failed=1
+    fi
+fi
 echo "results in $out"
-exit $status
+if [ "$failed" -ne 0 ]; then
+    verdict "GPU check: FAILED"
+    exit 1
+elif [ "$gpu_skips" -gt 0 ]; then
+    verdict "GPU check: not run ($gpu_skips of the GPU tests skipped: $gpu_reason)"
+    exit 2
+fi
+verdict "GPU check: passed"
+exit 0
 "#;
 
 #[cfg(test)]
@@ -264,6 +309,76 @@ mod tests {
         assert_eq!(b.arch, "compute_80");
         assert!(b.run);
         assert!(Args::try_parse_from(["gpu-check", "--bogus"]).is_err());
+    }
+
+    /// A bundle of shell scripts standing in for the test binaries and the benchmark: each test binary prints
+    /// what libtest prints with `--nocapture`; the bench leaves a mark that it ran.
+    fn fake_bundle(name: &str, gpu_log: &str, gpu_rc: i32) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("adaquant-gpu-check-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        let script = |path: &Path, body: &str| {
+            std::fs::write(path, format!("#!/usr/bin/env bash\n{body}\n")).unwrap();
+            set_executable(path).unwrap();
+        };
+        script(&dir.join("bin/test-0-cuda_preamble"), "echo 'test defines ... ok'; echo 'test result: ok. 1 passed'");
+        script(
+            &dir.join("bin/test-1-cuda_ptx"),
+            "echo 'test every_kernel ... SKIPPED every_kernel: NVRTC not found'; echo ok; echo 'test result: ok. 1 passed'",
+        );
+        script(&dir.join("bin/test-3-cuda_gpu"), &format!("printf '%s\\n' \"{gpu_log}\"; exit {gpu_rc}"));
+        script(&dir.join("bin/cuda_bench"), "touch \"$(dirname \"$0\")/../bench-ran\"; echo 'copy 3000 GB/s'");
+        std::fs::write(dir.join("run.sh"), RUN_SH).unwrap();
+        dir
+    }
+
+    fn run_bundle(dir: &Path) -> (Option<i32>, String) {
+        let out = Command::new("bash").arg(dir.join("run.sh")).arg(dir.join("results")).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    #[test]
+    fn a_bundle_run_without_a_gpu_says_not_run_never_passed() {
+        let dir = fake_bundle(
+            "no-gpu",
+            "test gpu_attention ... SKIPPED gpu_attention: the CUDA driver library (libcuda.so.1) was not found\nok\n\
+             test result: ok. 1 passed",
+            0,
+        );
+        let (code, stdout) = run_bundle(&dir);
+        assert_eq!(code, Some(2), "{stdout}");
+        assert!(stdout.contains("test-3-cuda_gpu: not run (1 skipped"), "{stdout}");
+        assert!(stdout.contains("test-1-cuda_ptx: not run (1 skipped"), "{stdout}");
+        assert!(stdout.contains("test-0-cuda_preamble: passed"), "{stdout}");
+        assert!(stdout.contains("cuda_bench: not run (no usable GPU)"), "{stdout}");
+        assert!(!dir.join("bench-ran").exists(), "the benchmark must not start without a GPU");
+        let summary = std::fs::read_to_string(dir.join("results/summary.txt")).unwrap();
+        let last = summary.lines().last().unwrap();
+        assert!(
+            last.starts_with("GPU check: not run (1 of the GPU tests skipped: SKIPPED gpu_attention: the CUDA"),
+            "{last}"
+        );
+        assert!(!summary.contains("GPU check: passed"), "{summary}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_bundle_run_on_a_gpu_passes_only_when_everything_ran() {
+        let dir = fake_bundle("gpu", "test gpu_attention ... ok\ntest result: ok. 1 passed", 0);
+        let (code, stdout) = run_bundle(&dir);
+        assert_eq!(code, Some(0), "{stdout}");
+        assert!(stdout.contains("test-3-cuda_gpu: passed"), "{stdout}");
+        assert!(dir.join("bench-ran").exists());
+        assert_eq!(stdout.lines().last(), Some("GPU check: passed"), "{stdout}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let dir =
+            fake_bundle("gpu-fails", "test gpu_attention ... FAILED\ntest result: FAILED. 0 passed; 1 failed", 101);
+        let (code, stdout) = run_bundle(&dir);
+        assert_eq!(code, Some(1), "{stdout}");
+        assert!(stdout.contains("test-3-cuda_gpu: FAILED (exit 101)"), "{stdout}");
+        assert_eq!(stdout.lines().last(), Some("GPU check: FAILED"), "{stdout}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -102,6 +102,8 @@ fn wants_help(args: &[String]) -> bool {
 }
 
 fn main() -> Result<()> {
+    // xtask is built with the workspace's flags too (x86-64-v3): stop with a message, not an illegal instruction.
+    adaquant_kernels::baseline::exit_unless_supported("cargo xtask");
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Sweep { args } => {

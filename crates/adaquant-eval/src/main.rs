@@ -40,6 +40,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before anything else: the build assumes x86-64-v3, and an older CPU would otherwise die with an illegal
+    // instruction.
+    adaquant_kernels::baseline::exit_unless_supported("adaquant");
     let cli = Cli::parse();
     adaquant_model::set_default_weights_mode(cli.weights);
     match cli.command {

@@ -21,11 +21,13 @@
 //! ```
 
 pub mod attn;
+pub mod baseline;
 pub mod error;
 pub mod format;
 pub mod pack;
 pub mod quant;
 pub mod simd;
+pub mod skip;
 
 pub use attn::{decode_attention, decode_attention_ref, decode_attention_serial, HeadKv};
 pub use error::{Error, Result};

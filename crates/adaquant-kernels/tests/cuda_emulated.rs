@@ -3,13 +3,14 @@
 //! and compared with the host twins: packing and dequantization bit for bit (including appends that share a byte
 //! with earlier codes), fused and baseline attention to 1e-5 relative. This checks the kernels' indexing and
 //! arithmetic on a machine without a GPU; `tests/cuda_gpu.rs` checks the same on a GPU. Prints SKIPPED where g++ is
-//! missing. Needs neither the `cuda` feature nor NVRTC.
+//! missing (fails where `ADAQUANT_REQUIRE_GXX` is set, as in CI). Needs neither the `cuda` feature nor NVRTC.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use adaquant_kernels::cuda::layout::{axis_code, meta_code, AttnParams, DType, KernelSpec, ATTN_TILE, LENS_STRIDE};
 use adaquant_kernels::cuda::{quantized_tokens, reference, stream_stride, to_dtype_bytes};
+use adaquant_kernels::skip::{skip, Need};
 use adaquant_kernels::{Bits, GroupAxis, MetaDtype, QuantSpec};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -162,7 +163,7 @@ fn meta_bytes(x: &[f32], meta: MetaDtype) -> Vec<u8> {
 #[test]
 fn emulated_quant_kernels_equal_the_twin_bit_for_bit() {
     if gpp().is_none() {
-        eprintln!("SKIPPED emulated_quant_kernels_equal_the_twin_bit_for_bit: g++ not found");
+        skip(Need::Gxx, "emulated_quant_kernels_equal_the_twin_bit_for_bit", "g++ not found");
         return;
     }
     let mut seed = 0;
@@ -377,7 +378,7 @@ fn check(got: &[f32], want: &[f32], what: &str) {
 #[test]
 fn emulated_fused_attention_equals_the_reference() {
     if gpp().is_none() {
-        eprintln!("SKIPPED emulated_fused_attention_equals_the_reference: g++ not found");
+        skip(Need::Gxx, "emulated_fused_attention_equals_the_reference", "g++ not found");
         return;
     }
     let kivi = |kb, vb, g| (QuantSpec::new(kb, g, GroupAxis::PerChannel), QuantSpec::new(vb, g, GroupAxis::PerToken));
@@ -414,7 +415,7 @@ fn emulated_fused_attention_equals_the_reference() {
 #[test]
 fn emulated_f16_baseline_equals_the_reference() {
     if gpp().is_none() {
-        eprintln!("SKIPPED emulated_f16_baseline_equals_the_reference: g++ not found");
+        skip(Need::Gxx, "emulated_f16_baseline_equals_the_reference", "g++ not found");
         return;
     }
     for (d, gqa, h, lens) in [(64usize, 4usize, 2usize, vec![1usize, 70, 200]), (128, 8, 1, vec![129, 5])] {

@@ -1,7 +1,8 @@
 //! GPU results against the host twins of `cuda::reference` (which `tests/cuda_reference.rs` ties to the CPU
 //! kernels): packing and dequantization bit for bit, streaming appends bit for bit, fused and baseline attention to
 //! 1e-5 (f32 queries and outputs), 1e-3 (f16) or 5e-3 (bf16, 8 significant bits) relative, at awkward sizes. Outputs are poisoned before each run.
-//! Each test prints SKIPPED and passes where there is no CUDA driver, device or NVRTC.
+//! Each test prints SKIPPED and passes where there is no CUDA driver, device or NVRTC (fails where
+//! `ADAQUANT_REQUIRE_GPU` is set).
 
 #![cfg(feature = "cuda")]
 
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use adaquant_kernels::cuda::layout::DType;
 use adaquant_kernels::cuda::{quantized_tokens, reference, CudaKernels, DeviceCacheConfig, DeviceF16Kv, DeviceKvCache};
+use adaquant_kernels::skip::{skip, Need};
 use adaquant_kernels::{Bits, Error, GroupAxis, MetaDtype, QuantSpec};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -16,7 +18,7 @@ fn device(test: &str) -> Option<Arc<CudaKernels>> {
     match CudaKernels::new(0) {
         Ok(k) => Some(k),
         Err(e) => {
-            eprintln!("SKIPPED {test}: {e}");
+            skip(Need::Gpu, test, &e.to_string());
             None
         }
     }

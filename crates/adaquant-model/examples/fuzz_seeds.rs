@@ -1,5 +1,6 @@
 //! Writes a seed corpus for the GGUF fuzz target: small valid files covering every metadata value type, every
-//! supported tensor type, and a tiny tokenizer.
+//! supported tensor type, and a tiny tokenizer, plus files whose arrays would take far more memory than their bytes
+//! (refused by the header's memory budget).
 //!
 //! `cargo run -p adaquant-model --example fuzz_seeds -- fuzz/corpus/gguf_parse`
 
@@ -70,6 +71,14 @@ fn main() -> std::io::Result<()> {
         .meta("tokenizer.ggml.bos_token_id", Value::U32(0))
         .tensor_f32("token_embd.weight", &[5, 8], &[0.1; 40]);
     seeds.push(("tiny_model".into(), w.to_bytes()));
+
+    // One byte per element in the file, a 32-byte `Value` in memory: 32 times the file once parsed.
+    let mut w = GgufWriter::new();
+    w.meta("bytes", Value::Array(vec![Value::U8(0x5a); 4096]));
+    seeds.push(("byte_array".into(), w.to_bytes()));
+    let mut w = GgufWriter::new();
+    w.meta("rows", Value::Array(vec![Value::Array(vec![Value::U8(1); 64]); 64]));
+    seeds.push(("nested_byte_arrays".into(), w.to_bytes()));
 
     for (name, bytes) in seeds {
         std::fs::write(std::path::Path::new(&dir).join(name), bytes)?;

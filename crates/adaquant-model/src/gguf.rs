@@ -8,6 +8,9 @@
 //! Every count, length and offset is checked against the bytes that remain before anything is allocated, so a
 //! truncated or hostile file gives [`ModelError::Gguf`] rather than a panic, an out-of-bounds read or a huge
 //! allocation.
+//! A parsed value can take far more memory than its bytes in the file (one `u8` array element is a whole
+//! [`Value`]), so the header is also charged, before each allocation, what it will take in memory, against a budget
+//! of [`MAX_MEMORY_PER_FILE_BYTE`] times the file's length.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,6 +26,17 @@ pub const MAX_DIMS: usize = 4;
 pub const MAX_ARRAY_DEPTH: usize = 3;
 /// Default alignment of the data section and of each tensor.
 pub const DEFAULT_ALIGNMENT: usize = 32;
+/// The parsed header may take at most this many bytes of memory per byte of the file.
+///
+/// Each metadata entry and array element is a [`Value`] (32 bytes on 64-bit targets) plus a string's bytes, while
+/// the file may spend 1 byte on it: a file of `u8` arrays would otherwise ask for 32 times its size.
+/// The densest arrays of real files, `i32` token types and `f32` scores, take 4 bytes in the file and one `Value`
+/// in memory, 8 times as much; SmolLM2's whole metadata (vocabulary and merges) takes 3.1 times its bytes, so even
+/// a vocabulary-only file (no tensors) fits.
+/// What is charged: every key and string (length plus a `String`), every metadata entry and array element (a
+/// `Value`), and every tensor entry (a [`TensorInfo`], its dimensions, and its name twice: the table and the check
+/// for duplicates); the maps' own nodes are not, and add a few hundred bytes.
+pub const MAX_MEMORY_PER_FILE_BYTE: usize = 8;
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -157,6 +171,8 @@ pub struct Gguf {
 struct Reader<'a> {
     b: &'a [u8],
     pos: usize,
+    /// Bytes of memory the header may still take (see [`MAX_MEMORY_PER_FILE_BYTE`]).
+    budget: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -203,8 +219,25 @@ impl<'a> Reader<'a> {
         Ok(n as usize)
     }
 
+    /// Charges `bytes` of memory about to be allocated for `what` against the budget.
+    fn charge(&mut self, bytes: usize, what: &str) -> Result<()> {
+        if bytes > self.budget {
+            let limit = MAX_MEMORY_PER_FILE_BYTE.saturating_mul(self.b.len());
+            return self.err(format!(
+                "{what} would take {bytes} bytes of memory, more than the {} bytes left of the header's limit of \
+                 {limit} ({MAX_MEMORY_PER_FILE_BYTE} per byte of this {}-byte file)",
+                self.budget,
+                self.b.len()
+            ));
+        }
+        self.budget -= bytes;
+        Ok(())
+    }
+
+    /// A string; charged its length plus a `String`.
     fn string(&mut self, what: &str) -> Result<String> {
         let n = self.count(1, what)?;
+        self.charge(n.saturating_add(std::mem::size_of::<String>()), what)?;
         let s = self.take(n, what)?;
         Ok(String::from_utf8_lossy(s).into_owned())
     }
@@ -235,7 +268,12 @@ impl<'a> Reader<'a> {
                 1 => Value::Bool(true),
                 b => return self.err(format!("bool value {b} is neither 0 nor 1")),
             },
-            8 => Value::String(self.string("string length")?),
+            // The `Value` holding the string is charged by its array or its metadata entry.
+            8 => {
+                let n = self.count(1, "string length")?;
+                self.charge(n, "string")?;
+                Value::String(String::from_utf8_lossy(self.take(n, "string")?).into_owned())
+            }
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
                     return self.err(format!("arrays nested deeper than {MAX_ARRAY_DEPTH} levels"));
@@ -245,6 +283,7 @@ impl<'a> Reader<'a> {
                     return self.err(format!("unknown array element type {ety}"));
                 }
                 let n = self.count(Self::min_size(ety), "array length")?;
+                self.charge(n.saturating_mul(std::mem::size_of::<Value>()), "array")?;
                 let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
                     v.push(self.value(ety, depth + 1)?);
@@ -262,7 +301,7 @@ impl<'a> Reader<'a> {
 impl Gguf {
     /// Parses the header of a GGUF file held in `bytes` and checks every tensor's extent.
     pub fn parse(bytes: &[u8]) -> Result<Gguf> {
-        let mut r = Reader { b: bytes, pos: 0 };
+        let mut r = Reader { b: bytes, pos: 0, budget: MAX_MEMORY_PER_FILE_BYTE.saturating_mul(bytes.len()) };
         let magic = r.arr::<4>("magic")?;
         if &magic != MAGIC {
             return Err(ModelError::Gguf {
@@ -274,20 +313,21 @@ impl Gguf {
         if version != 2 && version != 3 {
             return r.err(format!("GGUF version {version} is not supported (only 2 and 3)"));
         }
-        // A tensor entry takes at least 8 (name length) + 4 (rank) + 4 (type) + 8 (offset) bytes; a metadata
-        // entry at least 8 (key length) + 4 (type) + 1 byte.
+        // A tensor entry takes at least 8 (name length) + 4 (rank) + 8 (one dimension) + 4 (type) + 8 (offset)
+        // bytes; a metadata entry at least 8 (key length) + 4 (type) + 1 byte.
         let n_tensors = r.u64("tensor count")?;
         let n_kv = r.u64("metadata count")?;
         let rem = r.remaining() as u64;
         if n_kv > rem / 13 {
             return r.err(format!("metadata count {n_kv} cannot fit in the {rem} bytes that remain"));
         }
-        if n_tensors > rem / 24 {
+        if n_tensors > rem / 32 {
             return r.err(format!("tensor count {n_tensors} cannot fit in the {rem} bytes that remain"));
         }
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
             let key = r.string("metadata key length")?;
+            r.charge(std::mem::size_of::<Value>(), "metadata entry")?;
             let ty = r.u32("metadata value type")?;
             let v = r.value(ty, 0)?;
             if metadata.insert(key.clone(), v).is_some() {
@@ -301,14 +341,18 @@ impl Gguf {
                 _ => return r.err(format!("general.alignment {v:?} is not a power of two in 1..=65536")),
             },
         };
+        r.charge((n_tensors as usize).saturating_mul(std::mem::size_of::<TensorInfo>()), "tensor table")?;
         let mut tensors = Vec::with_capacity(n_tensors as usize);
         let mut names = std::collections::HashSet::new();
         for _ in 0..n_tensors {
             let name = r.string("tensor name length")?;
+            // The copy of the name kept to find duplicates.
+            r.charge(name.len() + std::mem::size_of::<String>(), "tensor name")?;
             let rank = r.u32("tensor rank")? as usize;
             if rank == 0 || rank > MAX_DIMS {
                 return r.err(format!("tensor `{name}` has rank {rank}; ranks 1..={MAX_DIMS} are allowed"));
             }
+            r.charge(rank * std::mem::size_of::<usize>(), "tensor dimensions")?;
             let mut dims = Vec::with_capacity(rank);
             let mut n_elements: usize = 1;
             for _ in 0..rank {
@@ -620,6 +664,29 @@ mod tests {
         let at = 24 + 8 + 1 + 4 + 4;
         b[at..at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
         assert!(gguf_err(&b).contains("array length"));
+    }
+
+    #[test]
+    fn arrays_are_bounded_by_their_memory_not_only_their_bytes() {
+        // 4096 one-byte elements: 4 KiB in the file, 128 KiB as `Value`s, over the budget of 8 per file byte.
+        let mut w = GgufWriter::new();
+        w.meta("bytes", Value::Array(vec![Value::U8(7); 4096]));
+        let msg = gguf_err(&w.to_bytes());
+        assert!(msg.contains("array would take 131072 bytes of memory"), "{msg}");
+        assert!(msg.contains("8 per byte"), "{msg}");
+        // The same claim in a truncated file is refused before the array is allocated.
+        let b = w.to_bytes();
+        assert!(gguf_err(&b[..b.len() / 2]).contains("array"));
+        // `i32` arrays, the densest in real files (token types), fit: 4 bytes in the file, 32 in memory.
+        let mut w = GgufWriter::new();
+        w.meta("types", Value::Array(vec![Value::I32(1); 4096]));
+        let g = Gguf::parse(&w.to_bytes()).unwrap();
+        assert_eq!(g.get("types").and_then(Value::as_array).map(<[Value]>::len), Some(4096));
+        // Arrays of arrays are charged at every level: each inner array of 64 bytes takes 76 bytes in the file
+        // (4 type, 8 length, 64 elements) and 65 `Value`s in memory.
+        let mut w = GgufWriter::new();
+        w.meta("rows", Value::Array(vec![Value::Array(vec![Value::U8(1); 64]); 64]));
+        assert!(gguf_err(&w.to_bytes()).contains("array would take 2048 bytes of memory"));
     }
 
     #[test]

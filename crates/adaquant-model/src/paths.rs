@@ -47,15 +47,18 @@ pub fn lambada() -> PathBuf {
     data_root().join("lambada_openai").join("lambada_openai.jsonl")
 }
 
-/// For tests that need real files: returns the path if it exists, otherwise prints why the test is skipped.
+/// For tests that need real files: returns the path if it exists; otherwise prints `SKIPPED <test>: ...` and
+/// returns `None`, or, when `ADAQUANT_REQUIRE_DATA` is set (CI sets it once the data is fetched), panics with the
+/// same message (see [`adaquant_kernels::skip`]).
+#[track_caller]
 pub fn require(path: PathBuf, test: &str) -> Option<PathBuf> {
     if path.exists() {
-        Some(path)
-    } else {
-        eprintln!(
-            "SKIPPED {test}: {} not found. Run `cargo xtask fetch` (or set ADAQUANT_DATA to a folder holding the models and datasets).",
-            path.display()
-        );
-        None
+        return Some(path);
     }
+    let reason = format!(
+        "{} not found. Run `cargo xtask fetch` (or set ADAQUANT_DATA to a folder holding the models and datasets).",
+        path.display()
+    );
+    adaquant_kernels::skip::skip(adaquant_kernels::skip::Need::Data, test, &reason);
+    None
 }
