@@ -345,3 +345,36 @@ fn hqq_zero_point_does_not_worsen_mean_abs_error() {
         assert!(b <= a * (1.0 + 1e-6), "{bits}: hqq {b} > min-max {a}");
     }
 }
+
+#[test]
+fn truncate_undoes_pushes_byte_for_byte() {
+    let mut rng = common::rng(16);
+    for bits in Bits::ALL {
+        for (axis, group, d) in [(GroupAxis::PerToken, 8, 24), (GroupAxis::PerChannel, 4, 24)] {
+            let sp = QuantSpec::new(bits, group, axis);
+            let step = if axis == GroupAxis::PerToken { 3 } else { group };
+            // Token counts whose codes end inside a byte (3, 5 and 6 bits; ternary digits) as well as on a boundary.
+            let x = common::gaussian(&mut rng, 5 * step * d, 2.0);
+            let mut s = PackedStream::new(sp, d).unwrap();
+            let mut states = vec![s.clone()];
+            for chunk in x.chunks(step * d) {
+                s.push(chunk).unwrap();
+                states.push(s.clone());
+            }
+            for (i, state) in states.iter().enumerate().rev() {
+                let mut t = s.clone();
+                t.truncate(i * step).unwrap();
+                assert_eq!(&t, state, "{bits} {axis}: truncate to {} tokens", i * step);
+                assert_eq!(t.bytes(), sp.bytes(i * step, 1, d));
+                // Pushing again after a truncate gives what pushing once gave.
+                t.push(&x[i * step * d..]).unwrap();
+                assert_eq!(t, s, "{bits} {axis}: push after truncate to {}", i * step);
+            }
+            if axis == GroupAxis::PerChannel {
+                let before = s.clone();
+                assert!(matches!(s.truncate(group + 1), Err(Error::GroupDoesNotDivide { .. })));
+                assert_eq!(s, before);
+            }
+        }
+    }
+}

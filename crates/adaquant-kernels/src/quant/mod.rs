@@ -92,6 +92,14 @@ impl MetaBuf {
         }
     }
 
+    /// Keeps the first `n` entries.
+    pub fn truncate(&mut self, n: usize) {
+        match self {
+            MetaBuf::F16(v) => v.truncate(n),
+            MetaBuf::F32(v) => v.truncate(n),
+        }
+    }
+
     /// A borrowed view of the entries.
     pub fn view(&self) -> MetaView<'_> {
         match self {
@@ -424,6 +432,30 @@ impl PackedStream {
             scales: self.scales.view(),
             mins: self.mins.view(),
         }
+    }
+
+    /// Keeps the first `tokens` tokens, leaving the stream exactly (codes, metadata and bytes) as it was when it
+    /// held that many: the undo of the pushes since. Per-channel streams need `tokens` to be a multiple of the group
+    /// size ([`Error::GroupDoesNotDivide`] otherwise, and the stream is unchanged); more tokens than held is a no-op.
+    pub fn truncate(&mut self, tokens: usize) -> Result<()> {
+        if tokens >= self.tokens {
+            return Ok(());
+        }
+        if self.spec.axis == GroupAxis::PerChannel && !tokens.is_multiple_of(self.spec.group) {
+            return Err(Error::GroupDoesNotDivide {
+                group: self.spec.group,
+                len: tokens,
+                what: "tokens kept by truncate",
+                axis: self.spec.axis,
+            });
+        }
+        let d = self.head_dim;
+        pack::truncate_codes(self.spec.bits, &mut self.codes, tokens * d);
+        let groups = self.spec.n_groups(tokens, d);
+        self.scales.truncate(groups);
+        self.mins.truncate(groups);
+        self.tokens = tokens;
+        Ok(())
     }
 
     /// Removes every token, keeping the allocations.
