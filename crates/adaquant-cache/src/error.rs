@@ -20,6 +20,10 @@ pub enum CacheError {
     #[error("non-finite value in {what} of layer {layer} at element {index}; the model produced NaN/inf activations")]
     NonFinite { what: &'static str, layer: usize, index: usize },
 
+    /// A key or value too large for an f16 cache (it would be stored as infinity).
+    #[error("{what} of layer {layer}: element {index} is {value}, beyond the f16 range (about 65504) of this f16 cache; use an f32 cache or rescale")]
+    F16Overflow { what: &'static str, layer: usize, index: usize, value: f32 },
+
     /// An error from the kernels.
     #[error(transparent)]
     Kernel(#[from] adaquant_kernels::Error),

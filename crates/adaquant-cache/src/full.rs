@@ -127,12 +127,29 @@ impl FullPrecisionCache {
                 scatter_heads(vs, v, d, |x| x);
             }
             Store::F16 { k: ks, v: vs } => {
+                // Checked before anything is stored: an f16 cache never holds an infinity made by rounding.
+                for (what, x) in [("k", k), ("v", v)] {
+                    if let Some(index) = x.iter().position(|&e| f16::from_f32(e).is_infinite()) {
+                        return Err(CacheError::F16Overflow { what, layer, index, value: x[index] });
+                    }
+                }
                 scatter_heads(ks, k, d, f16::from_f32);
                 scatter_heads(vs, v, d, f16::from_f32);
             }
         }
         l.tokens += n;
         Ok(())
+    }
+
+    /// Drops the tokens of `layer` from `tokens` on (undoes a store whose attention failed).
+    fn truncate(&mut self, layer: usize, tokens: usize) {
+        let len = tokens * self.shape.head_dim;
+        let l = &mut self.layers[layer];
+        match &mut l.store {
+            Store::F32 { k, v } => k.iter_mut().chain(v.iter_mut()).for_each(|x| x.truncate(len)),
+            Store::F16 { k, v } => k.iter_mut().chain(v.iter_mut()).for_each(|x| x.truncate(len)),
+        }
+        l.tokens = tokens;
     }
 
     /// Keys of one KV head of `layer`, `[t][head_dim]`, widened to f32.
@@ -168,10 +185,15 @@ impl KvCache for FullPrecisionCache {
         }
         let start = self.layers[layer].tokens;
         self.store(layer, n, k, v)?;
-        match &self.layers[layer].store {
+        let attended = match &self.layers[layer].store {
             Store::F32 { k, v } => attend_exact_f32(&self.shape, k, v, start, q, out),
             Store::F16 { k, v } => attend_exact_f16(&self.shape, k, v, start, q, out),
+        };
+        if attended.is_err() {
+            // An append either completes or leaves the cache as it was.
+            self.truncate(layer, start);
         }
+        attended
     }
 
     fn memory(&self) -> MemoryReport {

@@ -199,10 +199,15 @@ impl QuantizedCache {
         let qv0 = prec.v.quantized_tokens(t0, residual, sinks);
         let flush_k = prec.k.quantized_tokens(t0 + n, residual, sinks) - qk0;
         let flush_v = prec.v.quantized_tokens(t0 + n, residual, sinks) - qv0;
-        append_side(&mut l.k, k, t0, sinks, d, flush_k)?;
-        append_side(&mut l.v, v, t0, sinks, d, flush_v)?;
-        l.tokens += n;
-        if let Some((q, out)) = attend {
+        // An append either completes or leaves the layer exactly as it was. A push can fail part-way (metadata
+        // overflow in one head, after other heads grew) and attention can fail after every head grew (overflowing
+        // scores), so the lengths are recorded first and restored on any error; nothing is retired before
+        // attention succeeds.
+        let marks = (Mark::of(&l.k), Mark::of(&l.v));
+        let grow_and_attend = || -> Result<()> {
+            append_side(&mut l.k, k, t0, sinks, d, flush_k)?;
+            append_side(&mut l.v, v, t0, sinks, d, flush_v)?;
+            let Some((q, out)) = attend else { return Ok(()) };
             let (kh, vh) = (&l.k, &l.v);
             let heads_at = |i: usize| -> Vec<HeadKv<'_>> {
                 let t = t0 + i + 1;
@@ -232,7 +237,14 @@ impl QuantizedCache {
                     .enumerate()
                     .try_for_each(|(i, (qi, oi))| decode_attention_serial(qi, &heads_at(i), d, scale, oi))?;
             }
+            Ok(())
+        };
+        if let Err(e) = grow_and_attend() {
+            marks.0.restore(&mut l.k);
+            marks.1.restore(&mut l.v);
+            return Err(e);
         }
+        l.tokens += n;
         retire(&mut l.k, d, flush_k);
         retire(&mut l.v, d, flush_v);
         Ok(())
@@ -252,6 +264,33 @@ impl QuantizedCache {
         }
         out.extend_from_slice(&tail);
         Ok(out)
+    }
+}
+
+/// The lengths of one side's parts before an append (the same for every KV head of the side).
+struct Mark {
+    sink: usize,
+    tail: usize,
+    packed: usize,
+}
+
+impl Mark {
+    fn of(heads: &[HeadSide]) -> Mark {
+        let h = &heads[0];
+        Mark { sink: h.sink.len(), tail: h.tail.len(), packed: h.packed.as_ref().map_or(0, PackedStream::tokens) }
+    }
+
+    /// Puts every head of the side back to these lengths, bytes included (undoes a failed append).
+    fn restore(&self, heads: &mut [HeadSide]) {
+        for s in heads {
+            s.sink.truncate(self.sink);
+            s.tail.truncate(self.tail);
+            if let Some(p) = &mut s.packed {
+                // The recorded length held whole groups before the append, so truncating to it cannot fail.
+                let undone = p.truncate(self.packed);
+                debug_assert!(undone.is_ok(), "{undone:?}");
+            }
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 
 use adaquant_cache::quant::{side_split, EXACT_BYTES};
 use adaquant_cache::{
-    expected_memory, CacheError, CacheShape, CacheSpec, FullPrecisionCache, Kv, KvCache, LayerPrecision, Precision,
-    QuantCacheConfig, QuantizedCache,
+    expected_memory, CacheError, CacheShape, CacheSpec, FullDtype, FullPrecisionCache, Kv, KvCache, LayerPrecision,
+    Precision, QuantCacheConfig, QuantizedCache,
 };
 use adaquant_kernels::attn::{decode_attention_ref, HeadKv};
 use adaquant_kernels::quant::quantize;
@@ -443,4 +443,122 @@ fn specs_build_every_cache() {
     assert_eq!(outs[3].0, "K8V8 g32/32 r16");
     assert_eq!(outs[4].0, "K4V2 g16c/16 r16 s2");
     assert!(outs[5].0.starts_with("K4V2 g32/32 r16"));
+}
+
+/// Everything a cache holds, as text: lengths, flushed prefixes, packed bytes, metadata and exact values.
+fn state(cache: &dyn std::fmt::Debug) -> String {
+    format!("{cache:?}")
+}
+
+/// Runs an append that must fail on `cache` and on nothing else, then checks that the cache is exactly `untouched`
+/// (same contents, bytes and next attention outputs).
+fn check_failed_append<C: KvCache + Clone + std::fmt::Debug>(
+    cache: &mut C,
+    s: &Seq,
+    what: &str,
+    failing: impl FnOnce(&mut C) -> Result<(), CacheError>,
+    expect: impl Fn(&CacheError) -> bool,
+) {
+    let untouched = cache.clone();
+    let err = failing(cache).expect_err(what);
+    assert!(expect(&err), "{what}: unexpected error {err:?}");
+    // Compared as text without printing it: a cache's state is megabytes of numbers.
+    assert!(state(cache) == state(&untouched), "{what}: the failed append changed the cache");
+    assert_eq!(cache.memory(), untouched.memory(), "{what}");
+    assert_eq!(cache.seq_len(0), untouched.seq_len(0), "{what}");
+    // The next append gives the same outputs and contents as on the untouched copy.
+    let mut other = untouched;
+    let next = s_prefix(s, 9, cache.shape());
+    assert_eq!(run(cache, 0, &next, &[9]), run(&mut other, 0, &next, &[9]), "{what}: next outputs");
+    assert!(state(cache) == state(&other), "{what}: contents differ after the next append");
+}
+
+#[test]
+fn a_failed_append_leaves_the_cache_exactly_as_it_was() {
+    let shape = CacheShape::new(1, 6, 3, 64, 512);
+    let (qr, kr) = (shape.q_row(), shape.kv_row());
+    let n = 100;
+    let s = seq(&shape, 40 + n, 31);
+    let fill = s_prefix(&s, 40, &shape);
+    let new = Seq { q: s.q[40 * qr..].to_vec(), k: s.k[40 * kr..].to_vec(), v: s.v[40 * kr..].to_vec() };
+    // Per-token and per-channel keys, with and without sinks; the last new key stays exact in every one.
+    let configs = [
+        QuantCacheConfig::split(1, Bits::B4, Bits::B2).with_residual(4),
+        QuantCacheConfig::kivi(1, Bits::B3, Bits::B1_58).with_residual(64).with_sinks(3),
+        QuantCacheConfig::kivi(1, Bits::B5, Bits::B6).with_residual(0).with_sinks(1),
+    ];
+    let last_head = shape.n_kv_heads - 1;
+    for (ci, config) in configs.into_iter().enumerate() {
+        let mut cache = QuantizedCache::new(shape.clone(), config).unwrap();
+        run(&mut cache, 0, &fill, &[13, 27]);
+        // Metadata overflow in the last KV head only, while the other heads (and, for values, every key head)
+        // already grew: -1e5 is a finite f32 but no f16 minimum, and token 0 of the call is quantized in it.
+        for side in [Kv::K, Kv::V] {
+            let (mut k, mut v) = (new.k.clone(), new.v.clone());
+            let x = if side == Kv::K { &mut k } else { &mut v };
+            x[last_head * 64 + 5] = -1e5;
+            let mut out = vec![0f32; new.q.len()];
+            check_failed_append(
+                &mut cache,
+                &s,
+                &format!("config {ci}: f16 overflow in the last head's {side:?}"),
+                |c| c.append_attend(0, &new.q, &k, &v, &mut out),
+                |e| matches!(e, CacheError::Kernel(adaquant_kernels::Error::MetaOverflow { .. })),
+            );
+            check_failed_append(
+                &mut cache,
+                &s,
+                &format!("config {ci}: f16 overflow in the last head's {side:?}, append without attention"),
+                |c| c.append(0, &k, &v),
+                |e| matches!(e, CacheError::Kernel(adaquant_kernels::Error::MetaOverflow { .. })),
+            );
+        }
+        // Attention that overflows after every head has grown and flushed: the last new token's key (exact, in
+        // the tail) times its query passes 3.4e38.
+        let (mut q, mut k) = (new.q.clone(), new.k.clone());
+        q[(n - 1) * qr..].fill(1e30);
+        k[(n - 1) * kr..].fill(1e10);
+        let mut out = vec![0f32; q.len()];
+        check_failed_append(
+            &mut cache,
+            &s,
+            &format!("config {ci}: overflowing attention"),
+            |c| c.append_attend(0, &q, &k, &new.v, &mut out),
+            |e| matches!(e, CacheError::Kernel(adaquant_kernels::Error::AttentionOverflow { .. })),
+        );
+    }
+    // The full-precision caches: overflowing attention, and values beyond f16 in an f16 cache.
+    for dtype in [FullDtype::F32, FullDtype::F16] {
+        let mut cache = FullPrecisionCache::with_dtype(shape.clone(), dtype).unwrap();
+        run(&mut cache, 0, &fill, &[40]);
+        let (mut q, mut k) = (new.q.clone(), new.k.clone());
+        q[(n - 1) * qr..].fill(1e36);
+        k[(n - 1) * kr..].fill(6e4);
+        let mut out = vec![0f32; q.len()];
+        check_failed_append(
+            &mut cache,
+            &s,
+            &format!("{dtype:?}: overflowing attention"),
+            |c| c.append_attend(0, &q, &k, &new.v, &mut out),
+            |e| matches!(e, CacheError::Kernel(adaquant_kernels::Error::AttentionOverflow { .. })),
+        );
+        if dtype == FullDtype::F16 {
+            let mut v = new.v.clone();
+            v[7 * kr + 70] = 70_000.0;
+            check_failed_append(
+                &mut cache,
+                &s,
+                "f16 cache: a value beyond f16",
+                |c| c.append_attend(0, &new.q, &new.k, &v, &mut out),
+                |e| matches!(e, CacheError::F16Overflow { what: "v", layer: 0, index, .. } if *index == 7 * kr + 70),
+            );
+            check_failed_append(
+                &mut cache,
+                &s,
+                "f16 cache: a key beyond f16, append without attention",
+                |c| c.append(0, &v, &new.v),
+                |e| matches!(e, CacheError::F16Overflow { what: "k", .. }),
+            );
+        }
+    }
 }

@@ -28,11 +28,23 @@ pub enum Error {
     #[error("grouped-query attention needs n_q_heads ({n_q_heads}) to be a multiple of n_kv_heads ({n_kv_heads})")]
     BadGqa { n_q_heads: usize, n_kv_heads: usize },
 
-    /// NaN or infinity in the data to quantize.
+    /// NaN or infinity in the data to quantize or in a query.
     #[error(
-        "non-finite value {value} at element {index} of the {what}; quantizing it would silently corrupt the cache"
+        "non-finite value {value} at element {index} of the {what}; NaN and infinities are refused because they would silently corrupt the cache or the attention output"
     )]
     NonFinite { what: &'static str, index: usize, value: f32 },
+
+    /// NaN or infinity in the keys or values that attention reads (exact parts or packed metadata).
+    #[error(
+        "KV head {kv_head}: non-finite value {value} at element {index} of the {part}; attention over it would be NaN at some SIMD levels and silently ignore it at others"
+    )]
+    NonFiniteKv { kv_head: usize, part: &'static str, index: usize, value: f32 },
+
+    /// Attention scores or outputs overflowed f32 although the query, keys and values are all finite.
+    #[error(
+        "KV head {kv_head}: attention overflowed f32 (a score q.k or the weighted value sum is beyond 3.4e38) although every input is finite; rescale the queries, keys or values"
+    )]
+    AttentionOverflow { kv_head: usize },
 
     /// Codes out of range for the bit width.
     #[error("code {code} at index {index} does not fit in {bits} bits")]

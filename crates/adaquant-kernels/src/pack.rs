@@ -86,6 +86,25 @@ fn or_code_at(bits: Bits, packed: &mut [u8], i: usize, c: u8) {
     }
 }
 
+/// Keeps the first `n` codes of a packed stream: drops the bytes past them and zeroes the bits of later codes in
+/// the last byte kept, so the stream is byte for byte what packing only those `n` codes gives.
+pub(crate) fn truncate_codes(bits: Bits, packed: &mut Vec<u8>, n: usize) {
+    packed.truncate(bits.packed_bytes(n));
+    match bits {
+        Bits::B1_58 => {
+            if !n.is_multiple_of(5) {
+                packed[n / 5] %= POW3[n % 5];
+            }
+        }
+        _ => {
+            let bit = n * bits.nominal() as usize;
+            if !bit.is_multiple_of(8) {
+                packed[bit / 8] &= (1u8 << (bit % 8)) - 1;
+            }
+        }
+    }
+}
+
 /// Packs `codes` (each below `bits.levels()`) into `out`, which must hold exactly `bits.packed_bytes(codes.len())`
 /// bytes. Reference twin of [`pack`]: one code at a time.
 pub fn pack_ref(bits: Bits, codes: &[u8], out: &mut [u8]) -> Result<()> {

@@ -286,3 +286,149 @@ fn bad_shapes_are_typed_errors() {
     assert!(decode_attention(&q, &[kv], d, 1.0, &mut out).is_ok());
     assert!(out.iter().all(|x| x.is_finite()));
 }
+
+/// What an attention call returned, in a form that compares across SIMD levels and paths.
+fn outcome(r: Result<(), Error>) -> String {
+    match r {
+        Ok(()) => "Ok".to_string(),
+        Err(Error::NonFinite { what, index, .. }) => format!("NonFinite {what} {index}"),
+        Err(Error::NonFiniteKv { kv_head, part, index, .. }) => format!("NonFiniteKv {kv_head} {part} {index}"),
+        Err(e) => format!("{e:?}"),
+    }
+}
+
+#[test]
+fn non_finite_inputs_are_the_same_typed_error_at_every_simd_level() {
+    let _lock = lock();
+    let d = 64;
+    let mut rng = common::rng(25);
+    // Two KV heads (the second gets the bad value), three query heads each; packed K per channel and V per token,
+    // with sinks and tails, so every part of a head can hold the bad value.
+    let heads: Vec<Head> = (0..2)
+        .map(|_| {
+            Head::new(
+                &mut rng,
+                QuantSpec::new(Bits::B4, 32, GroupAxis::PerChannel),
+                QuantSpec::new(Bits::B2, 32, GroupAxis::PerToken),
+                d,
+                2,
+                70,
+                5,
+            )
+        })
+        .collect();
+    let q = common::gaussian(&mut rng, 6 * d, 1.0);
+    let parts = ["query", "sink keys", "tail keys", "sink values", "tail values", "key scales", "value minimums"];
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for part in parts {
+            let mut q = q.clone();
+            let (mut sink_k, mut tail_k) = (heads[1].sink_k.clone(), heads[1].tail_k.clone());
+            let (mut sink_v, mut tail_v) = (heads[1].sink_v.clone(), heads[1].tail_v.clone());
+            let kp = heads[1].k.as_ref().unwrap().view();
+            let vp = heads[1].v.as_ref().unwrap().view();
+            let mut k_scales: Vec<f32> = (0..kp.scales.len()).map(|i| kp.scales.get(i)).collect();
+            let v_mins: Vec<f32> = (0..vp.mins.len()).map(|i| vp.mins.get(i)).collect();
+            let mut v_mins = v_mins;
+            let want = match part {
+                "query" => {
+                    q[4 * d + 5] = bad;
+                    "NonFinite query 261".to_string()
+                }
+                "sink keys" => {
+                    sink_k[d + 3] = bad;
+                    format!("NonFiniteKv 1 sink keys {}", d + 3)
+                }
+                "tail keys" => {
+                    tail_k[7] = bad;
+                    "NonFiniteKv 1 tail keys 7".to_string()
+                }
+                "sink values" => {
+                    sink_v[2] = bad;
+                    "NonFiniteKv 1 sink values 2".to_string()
+                }
+                "tail values" => {
+                    tail_v[3 * d + 1] = bad;
+                    format!("NonFiniteKv 1 tail values {}", 3 * d + 1)
+                }
+                "key scales" => {
+                    k_scales[40] = bad;
+                    "NonFiniteKv 1 packed key scales 40".to_string()
+                }
+                _ => {
+                    v_mins[9] = bad;
+                    "NonFiniteKv 1 packed value minimums 9".to_string()
+                }
+            };
+            let k_view =
+                adaquant_kernels::PackedView { scales: adaquant_kernels::quant::MetaView::F32(&k_scales), ..kp };
+            let v_view = adaquant_kernels::PackedView { mins: adaquant_kernels::quant::MetaView::F32(&v_mins), ..vp };
+            let bad_head = HeadKv {
+                sink_k: &sink_k,
+                sink_v: &sink_v,
+                k: Some(k_view),
+                v: Some(v_view),
+                tail_k: &tail_k,
+                tail_v: &tail_v,
+            };
+            let kv = [heads[0].kv(), bad_head];
+            let mut out = vec![0f32; q.len()];
+            let r = outcome(decode_attention_ref(&q, &kv, d, 0.125, &mut out));
+            assert_eq!(r, want, "reference, {bad} in {part}");
+            for level in levels() {
+                set_simd_override(Some(level));
+                let a = outcome(decode_attention(&q, &kv, d, 0.125, &mut out));
+                let b = outcome(decode_attention_serial(&q, &kv, d, 0.125, &mut out));
+                assert_eq!(a, want, "decode_attention, {bad} in {part}, {level:?}");
+                assert_eq!(b, want, "decode_attention_serial, {bad} in {part}, {level:?}");
+            }
+            set_simd_override(None);
+        }
+        // The baselines: f32 keys and values, and f16 ones (an f16 infinity or NaN).
+        let t = 41;
+        let k: Vec<Vec<f32>> = (0..2).map(|_| common::gaussian(&mut rng, t * d, 1.0)).collect();
+        let v: Vec<Vec<f32>> = (0..2).map(|_| common::gaussian(&mut rng, t * d, 1.0)).collect();
+        for (which, index) in [("keys", 17 * d + 9), ("values", 40 * d + 63)] {
+            let (mut k, mut v) = (k.clone(), v.clone());
+            let target = if which == "keys" { &mut k[1] } else { &mut v[1] };
+            target[index] = bad;
+            let want = format!("NonFiniteKv 1 {which} {index}");
+            let ks: Vec<&[f32]> = k.iter().map(Vec::as_slice).collect();
+            let vs: Vec<&[f32]> = v.iter().map(Vec::as_slice).collect();
+            let kh: Vec<Vec<f16>> = k.iter().map(|x| x.iter().map(|&a| f16::from_f32(a)).collect()).collect();
+            let vh: Vec<Vec<f16>> = v.iter().map(|x| x.iter().map(|&a| f16::from_f32(a)).collect()).collect();
+            let khs: Vec<&[f16]> = kh.iter().map(Vec::as_slice).collect();
+            let vhs: Vec<&[f16]> = vh.iter().map(Vec::as_slice).collect();
+            let mut out = vec![0f32; q.len()];
+            assert_eq!(outcome(attention_ref(&q, &ks, &vs, d, 0.125, &mut out)), want, "attention_ref {bad}");
+            for level in levels() {
+                set_simd_override(Some(level));
+                let a = outcome(attention_f32(&q, &ks, &vs, d, 0.125, &mut out));
+                assert_eq!(a, want, "attention_f32, {bad} in {which}, {level:?}");
+                let b = outcome(attention_f16(&q, &khs, &vhs, d, 0.125, &mut out));
+                assert_eq!(b, want, "attention_f16, {bad} in {which}, {level:?}");
+            }
+            set_simd_override(None);
+        }
+    }
+}
+
+#[test]
+fn overflowing_scores_are_a_typed_error_at_every_simd_level() {
+    let _lock = lock();
+    let d = 64;
+    let t = 19;
+    // Finite inputs whose dot products pass 3.4e38: 1e20 * 1e20 * 64.
+    let mut k = vec![0.5f32; t * d];
+    k[(t - 1) * d..].fill(1e20);
+    let v = vec![1.0f32; t * d];
+    let q = vec![1e20f32; 2 * d];
+    for level in levels() {
+        set_simd_override(Some(level));
+        let mut out = vec![0f32; q.len()];
+        let r = decode_attention(&q, &[HeadKv::exact(&k, &v)], d, 1.0, &mut out);
+        assert!(matches!(r, Err(Error::AttentionOverflow { kv_head: 0 })), "{level:?}: {r:?}");
+        let r = attention_f32(&q, &[&k], &[&v], d, 1.0, &mut out);
+        assert!(matches!(r, Err(Error::AttentionOverflow { kv_head: 0 })), "{level:?}: {r:?}");
+    }
+    set_simd_override(None);
+}

@@ -173,15 +173,19 @@ fn emulated_quant_kernels_equal_the_twin_bit_for_bit() {
         let exe = build(&spec_k, &dir);
         for axis in [GroupAxis::PerToken, GroupAxis::PerChannel] {
             for meta in [MetaDtype::F16, MetaDtype::F32] {
-                for (heads, tokens, d, g, t1) in
-                    [(3usize, 7usize, 64usize, 16usize, 3usize), (2, 96, 64, 32, 32), (1, 97, 128, 64, 51)]
-                {
+                // The last two shapes sit far from zero with small ranges, where the covering metadata (minimum
+                // rounded down, scale rounded up) differs most from rounding each to nearest.
+                for (heads, tokens, d, g, t1, offset, spread) in [
+                    (3usize, 7usize, 64usize, 16usize, 3usize, 0.0f32, 1.0f32),
+                    (2, 96, 64, 32, 32, 300.1, 0.25),
+                    (1, 97, 128, 64, 51, -1000.3, 0.005),
+                ] {
                     if axis == GroupAxis::PerChannel && (!tokens.is_multiple_of(g) || !t1.is_multiple_of(g)) {
                         continue;
                     }
                     seed += 1;
                     let spec = QuantSpec { meta, ..QuantSpec::new(bits, g, axis) };
-                    let x = data(heads * tokens * d, seed);
+                    let x: Vec<f32> = data(heads * tokens * d, seed).iter().map(|v| offset + spread * v).collect();
                     let stride = stream_stride(bits, tokens, d);
                     let args = [heads, tokens, d, axis_code(axis) as usize, g, meta_code(meta) as usize, stride, t1];
                     std::fs::write(dir.join("args.bin"), u64_bytes(&args.map(|v| v as u64))).unwrap();

@@ -40,6 +40,39 @@ fn group_of(view: &adaquant_kernels::PackedView<'_>, t: usize, c: usize) -> (f32
     (view.scales.get(i), view.mins.get(i))
 }
 
+/// One unit in the last place of `|y|` in f32.
+fn ulp(y: f32) -> f32 {
+    let a = y.abs();
+    f32::from_bits(a.to_bits() + 1) - a
+}
+
+/// Asserts `|x - x^| <= scale / 2` for every element, with the stored scale and minimum of its group.
+///
+/// The only slack is f32 rounding, which no metadata choice removes:
+/// - the code is `round(fl(fl(x - m) / s))`, two roundings of relative 2^-24 each, so the quotient may sit
+///   `|x - m| / s * 2^-23` away from the exact one and a tie may go the other way: `|x - m| * 2^-23` in value;
+/// - `x^ = fl(m + fl(code * s))`: the product is exact with f16 metadata (8-bit code times 11-bit scale) and off by
+///   at most `code * s * 2^-24 <= (|x - m| + s) * 2^-24` with f32 metadata; the sum is off by half an ulp of `x^`.
+///
+/// Together: `slack = (|x - m| + s) * 2^-22 + ulp(x^) / 2`, which for a group at 300 with range 1 is about 2e-5,
+/// a hundred times below the half step of 8 bits (0.002).
+fn assert_within_half_step(x: &[f32], view: &adaquant_kernels::PackedView<'_>, y: &[f32], what: &str) {
+    let d = view.head_dim;
+    for t in 0..view.tokens {
+        for c in 0..d {
+            let (sc, mn) = group_of(view, t, c);
+            let (xi, yi) = (x[t * d + c], y[t * d + c]);
+            let slack = ((xi - mn).abs() + sc) * 2f32.powi(-22) + ulp(yi) / 2.0;
+            assert!(
+                (xi - yi).abs() <= sc / 2.0 + slack,
+                "{what} t={t} c={c}: x={xi} x^={yi} |x-x^|={} > scale/2={} (min {mn}, slack {slack})",
+                (xi - yi).abs(),
+                sc / 2.0
+            );
+        }
+    }
+}
+
 #[test]
 fn every_element_within_half_a_step() {
     let mut rng = common::rng(10);
@@ -51,22 +84,86 @@ fn every_element_within_half_a_step() {
                 let view = s.view();
                 let mut y = vec![0f32; x.len()];
                 dequantize(&view, &mut y).unwrap();
-                for t in 0..tokens {
-                    for c in 0..d {
-                        let (sc, mn) = group_of(&view, t, c);
-                        let (xi, yi) = (x[t * d + c], y[t * d + c]);
-                        // f16 metadata rounds the minimum and the scale (relative 2^-11); allow for it.
-                        let slack = match meta {
-                            MetaDtype::F32 => 1e-6 * (1.0 + xi.abs()),
-                            _ => 1e-3 * (mn.abs() + sc * bits.max_code() as f32) + 1e-6,
-                        };
-                        assert!(
-                            (xi - yi).abs() <= sc / 2.0 * (1.0 + 1e-5) + slack,
-                            "{bits} {meta:?} {axis} g={group} d={d}: x={xi} y={yi} scale={sc}"
-                        );
+                assert_within_half_step(&x, &view, &y, &format!("{bits} {meta:?} {axis} g={group} d={d}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn half_a_step_holds_for_large_offsets_and_tiny_ranges() {
+    // Groups far from zero with ranges far below the f16 spacing at their offset (0.25 at 300, 0.5 at 1000,
+    // 32 at 60000): rounding the minimum to nearest f16 on its own would miss by up to half that spacing.
+    let _lock = SIMD.lock().unwrap_or_else(|e| e.into_inner());
+    let levels: Vec<SimdLevel> =
+        [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512].into_iter().filter(|&l| l <= detected()).collect();
+    let mut rng = common::rng(15);
+    let cases = [(300.1f32, 1.0f32), (-1000.3, 0.01), (60_001.0, 3.0), (-65_000.0, 200.0), (0.0123, 1e-6), (7.1, 0.0)];
+    for bits in Bits::ALL {
+        for meta in [MetaDtype::F16, MetaDtype::F32] {
+            for (axis, group, d, tokens) in [(GroupAxis::PerToken, 16, 48, 5), (GroupAxis::PerChannel, 8, 24, 16)] {
+                for (offset, range) in cases {
+                    // Each group gets its own offset near `offset`, and its extremes are hit exactly.
+                    let x: Vec<f32> = (0..tokens * d)
+                        .map(|i| {
+                            let u: f32 = rand::Rng::random(&mut rng);
+                            let u = if i % 7 == 0 {
+                                0.0
+                            } else if i % 11 == 0 {
+                                1.0
+                            } else {
+                                u
+                            };
+                            offset * (1.0 + (i % 3) as f32 * 1e-4) + range * u
+                        })
+                        .collect();
+                    let sp = spec(bits, group, axis, meta);
+                    let what = format!("{bits} {meta:?} {axis} offset {offset} range {range}");
+                    let r = quantize_ref(&sp, d, &x).unwrap();
+                    let mut y = vec![0f32; x.len()];
+                    dequantize_ref(&r.view(), &mut y).unwrap();
+                    assert_within_half_step(&x, &r.view(), &y, &format!("reference {what}"));
+                    for &level in &levels {
+                        set_simd_override(Some(level));
+                        let f = quantize(&sp, d, &x).unwrap();
+                        assert_eq!(f, r, "fast against reference: {what} {level:?}");
+                        dequantize(&f.view(), &mut y).unwrap();
+                        assert_within_half_step(&x, &f.view(), &y, &format!("{what} {level:?}"));
                     }
+                    set_simd_override(None);
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn stored_pair_covers_the_group_at_the_edges_of_f16() {
+    let tok = |bits| QuantSpec::new(bits, 4, GroupAxis::PerToken);
+    for bits in Bits::ALL {
+        // A minimum at the bottom of the f16 range is kept; one below it is a typed error, never infinity.
+        let ok = [-65504.0f32, -65503.0, -65400.0, -65450.0];
+        let s = quantize(&tok(bits), 4, &ok).unwrap();
+        let mut y = [0f32; 4];
+        dequantize(&s.view(), &mut y).unwrap();
+        assert!(y.iter().all(|v| v.is_finite()), "{bits}: {y:?}");
+        assert_within_half_step(&ok, &s.view(), &y, &format!("{bits} at -65504"));
+        for bad in [[-65504.5f32, 0.0, 0.0, 0.0], [70_000.0, 70_001.0, 70_000.5, 70_000.0]] {
+            for q in [quantize(&tok(bits), 4, &bad), quantize_ref(&tok(bits), 4, &bad)] {
+                assert!(matches!(q, Err(Error::MetaOverflow { what: "minimum", .. })), "{bits} {bad:?}: {q:?}");
+            }
+        }
+        // A range whose scale needs more than 65504 per step.
+        let wide = [-60_000.0f32, -60_000.0 + 66_000.0 * bits.max_code() as f32, 0.0, 0.0];
+        for q in [quantize(&tok(bits), 4, &wide), quantize_ref(&tok(bits), 4, &wide)] {
+            assert!(matches!(q, Err(Error::MetaOverflow { what: "scale", .. })), "{bits}: {q:?}");
+        }
+        // Tiny positive and negative groups round the minimum down to a subnormal or zero, never up.
+        for tiny in [[1e-9f32, 2e-9, 3e-9, 1e-9], [-1e-9, -2e-9, -3e-9, -1e-9]] {
+            let s = quantize(&tok(bits), 4, &tiny).unwrap();
+            assert!(s.view().mins.get(0) <= tiny.iter().cloned().fold(f32::INFINITY, f32::min));
+            dequantize(&s.view(), &mut y).unwrap();
+            assert_within_half_step(&tiny, &s.view(), &y, &format!("{bits} tiny"));
         }
     }
 }
@@ -246,5 +343,38 @@ fn hqq_zero_point_does_not_worsen_mean_abs_error() {
         };
         let (a, b) = (mae(&base), mae(&hqq));
         assert!(b <= a * (1.0 + 1e-6), "{bits}: hqq {b} > min-max {a}");
+    }
+}
+
+#[test]
+fn truncate_undoes_pushes_byte_for_byte() {
+    let mut rng = common::rng(16);
+    for bits in Bits::ALL {
+        for (axis, group, d) in [(GroupAxis::PerToken, 8, 24), (GroupAxis::PerChannel, 4, 24)] {
+            let sp = QuantSpec::new(bits, group, axis);
+            let step = if axis == GroupAxis::PerToken { 3 } else { group };
+            // Token counts whose codes end inside a byte (3, 5 and 6 bits; ternary digits) as well as on a boundary.
+            let x = common::gaussian(&mut rng, 5 * step * d, 2.0);
+            let mut s = PackedStream::new(sp, d).unwrap();
+            let mut states = vec![s.clone()];
+            for chunk in x.chunks(step * d) {
+                s.push(chunk).unwrap();
+                states.push(s.clone());
+            }
+            for (i, state) in states.iter().enumerate().rev() {
+                let mut t = s.clone();
+                t.truncate(i * step).unwrap();
+                assert_eq!(&t, state, "{bits} {axis}: truncate to {} tokens", i * step);
+                assert_eq!(t.bytes(), sp.bytes(i * step, 1, d));
+                // Pushing again after a truncate gives what pushing once gave.
+                t.push(&x[i * step * d..]).unwrap();
+                assert_eq!(t, s, "{bits} {axis}: push after truncate to {}", i * step);
+            }
+            if axis == GroupAxis::PerChannel {
+                let before = s.clone();
+                assert!(matches!(s.truncate(group + 1), Err(Error::GroupDoesNotDivide { .. })));
+                assert_eq!(s, before);
+            }
+        }
     }
 }

@@ -251,18 +251,25 @@ mod generic {
         }
     }
 
-    /// Turns scores into unnormalised probabilities in place; returns each query's sum.
+    /// Turns scores into unnormalised probabilities in place; returns each query's sum, or NaN for a query with a
+    /// non-finite score (the caller turns a non-finite output into a typed error).
     pub(super) fn softmax(scores: &mut [f32], n_rep: usize, t_all: usize) -> Vec<f32> {
         (0..n_rep)
             .map(|r| {
                 let s = &mut scores[r * t_all..(r + 1) * t_all];
                 let max = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                // Sum of `x * 0`: NaN exactly when some score is NaN or infinite.
+                let probe: f32 = s.iter().map(|&x| x * 0.0).sum();
                 let mut sum = 0f32;
                 for x in s.iter_mut() {
                     *x = (*x - max).exp();
                     sum += *x;
                 }
-                sum
+                if probe.is_nan() {
+                    f32::NAN
+                } else {
+                    sum
+                }
             })
             .collect()
     }

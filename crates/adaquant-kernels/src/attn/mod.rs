@@ -13,7 +13,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::quant::PackedView;
+use crate::quant::{check_finite, MetaView, PackedView};
 
 pub use reference::attention_ref;
 
@@ -106,7 +106,58 @@ fn check_step(q: &[f32], n_kv: usize, head_dim: usize, out: &[f32]) -> Result<us
     if n_kv == 0 || !n_q.is_multiple_of(n_kv) {
         return Err(Error::BadGqa { n_q_heads: n_q, n_kv_heads: n_kv });
     }
+    check_finite("query", q)?;
     Ok(n_q / n_kv)
+}
+
+/// The first non-finite element of one KV head's keys and values: (part, index, value).
+fn first_non_finite(head: &HeadKv<'_>) -> Option<(&'static str, usize, f32)> {
+    let exact = |part: &'static str, x: &[f32]| x.iter().position(|v| !v.is_finite()).map(|i| (part, i, x[i]));
+    let meta = |part: &'static str, m: MetaView<'_>| {
+        (0..m.len()).map(|i| (i, m.get(i))).find(|(_, v)| !v.is_finite()).map(|(i, v)| (part, i, v))
+    };
+    let packed = |scales: &'static str, mins: &'static str, view: &Option<PackedView<'_>>| {
+        view.as_ref().and_then(|v| meta(scales, v.scales).or_else(|| meta(mins, v.mins)))
+    };
+    exact("sink keys", head.sink_k)
+        .or_else(|| packed("packed key scales", "packed key minimums", &head.k))
+        .or_else(|| exact("tail keys", head.tail_k))
+        .or_else(|| exact("sink values", head.sink_v))
+        .or_else(|| packed("packed value scales", "packed value minimums", &head.v))
+        .or_else(|| exact("tail values", head.tail_v))
+}
+
+/// The first non-finite element of the unquantized keys and values of one KV head of a baseline.
+fn first_non_finite_exact(k: &[f32], v: &[f32]) -> Option<(&'static str, usize, f32)> {
+    let find = |part: &'static str, x: &[f32]| x.iter().position(|e| !e.is_finite()).map(|i| (part, i, x[i]));
+    find("keys", k).or_else(|| find("values", v))
+}
+
+/// The error for KV head `kv_head` whose outputs came out non-finite: the first non-finite input, or an overflow.
+fn explain(kv_head: usize, found: Option<(&'static str, usize, f32)>) -> Error {
+    match found {
+        Some((part, index, value)) => Error::NonFiniteKv { kv_head, part, index, value },
+        None => Error::AttentionOverflow { kv_head },
+    }
+}
+
+/// Checks the outputs of a fused or baseline step, KV head by KV head in order, so that the error names the first
+/// bad head whatever the thread schedule. Non-finite inputs and overflowing scores reach the output at every SIMD
+/// level (the softmax turns a non-finite score into a NaN row sum), so this one pass over `n_q_heads * head_dim`
+/// values replaces checking every key and value on every step; the inputs are searched only to explain an error.
+fn check_outputs(
+    out: &[f32],
+    n_rep: usize,
+    d: usize,
+    find: impl Fn(usize) -> Option<(&'static str, usize, f32)>,
+) -> Result<()> {
+    // Summing `x * 0` is NaN exactly when some element is non-finite, and it vectorizes.
+    let probe: f32 = out.iter().map(|&v| v * 0.0).sum();
+    if !probe.is_nan() {
+        return Ok(());
+    }
+    let h = out.chunks(n_rep * d).position(|o| o.iter().any(|v| !v.is_finite())).unwrap_or(0);
+    Err(explain(h, find(h)))
 }
 
 fn check_heads(heads: &[HeadKv<'_>], head_dim: usize) -> Result<()> {
@@ -128,6 +179,11 @@ pub fn decode_attention_ref(
 ) -> Result<()> {
     let n_rep = check_step(q, heads.len(), head_dim, out)?;
     check_heads(heads, head_dim)?;
+    for (h, head) in heads.iter().enumerate() {
+        if let Some(found) = first_non_finite(head) {
+            return Err(explain(h, Some(found)));
+        }
+    }
     let d = head_dim;
     for (h, head) in heads.iter().enumerate() {
         let (k, v) = reference::materialize(head, d)?;
@@ -152,7 +208,7 @@ pub fn decode_attention(
     q.par_chunks(n_rep * d).zip(out.par_chunks_mut(n_rep * d)).zip(heads.par_iter()).for_each(|((qh, oh), head)| {
         cpu::attend_head(qh, head, d, softmax_scale, oh);
     });
-    Ok(())
+    check_outputs(out, n_rep, d, |h| first_non_finite(&heads[h]))
 }
 
 /// The fused kernel of [`decode_attention`] without rayon, for callers that parallelise over queries themselves.
@@ -169,7 +225,7 @@ pub fn decode_attention_serial(
     for ((qh, oh), head) in q.chunks(n_rep * d).zip(out.chunks_mut(n_rep * d)).zip(heads) {
         cpu::attend_head(qh, head, d, softmax_scale, oh);
     }
-    Ok(())
+    check_outputs(out, n_rep, d, |h| first_non_finite(&heads[h]))
 }
 
 fn check_baseline<T>(q: &[f32], keys: &[&[T]], values: &[&[T]], head_dim: usize, out: &[f32]) -> Result<usize> {
@@ -216,7 +272,7 @@ pub fn attention_f32(
             cpu::attend_exact_f32(qh, k, v, d, softmax_scale, oh);
         },
     );
-    Ok(())
+    check_outputs(out, n_rep, d, |h| first_non_finite_exact(keys[h], values[h]))
 }
 
 /// Baseline decode attention over unquantized f16 keys and values (`[tokens][head_dim]` per KV head); see
@@ -236,5 +292,9 @@ pub fn attention_f16(
             cpu::attend_exact_f16(qh, k, v, d, softmax_scale, oh);
         },
     );
-    Ok(())
+    check_outputs(out, n_rep, d, |h| {
+        let find =
+            |part: &'static str, x: &[f16]| x.iter().position(|v| !v.is_finite()).map(|i| (part, i, x[i].to_f32()));
+        find("keys", keys[h]).or_else(|| find("values", values[h]))
+    })
 }

@@ -1,6 +1,6 @@
 //! Reference attention: dequantize everything, then plain softmax attention accumulated in f64.
 
-use crate::attn::{check_baseline, HeadKv};
+use crate::attn::{check_baseline, explain, first_non_finite_exact, HeadKv};
 use crate::error::Result;
 use crate::quant::dequantize_ref;
 
@@ -31,6 +31,11 @@ pub fn attention_ref(
     out: &mut [f32],
 ) -> Result<()> {
     let n_rep = check_baseline(q, keys, values, head_dim, out)?;
+    for (h, (k, v)) in keys.iter().zip(values).enumerate() {
+        if let Some(found) = first_non_finite_exact(k, v) {
+            return Err(explain(h, Some(found)));
+        }
+    }
     let d = head_dim;
     for (i, (qi, oi)) in q.chunks(d).zip(out.chunks_mut(d)).enumerate() {
         let (k, v) = (keys[i / n_rep], values[i / n_rep]);

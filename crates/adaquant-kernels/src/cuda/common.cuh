@@ -100,6 +100,60 @@ __device__ __forceinline__ float adq_store_meta(void* p, i64 i, u32 meta, float 
     return x;
 }
 
+// The next float above a finite x >= 0.
+__device__ __forceinline__ float adq_next_up_nonneg(float x) {
+    return __uint_as_float((__float_as_uint(x) & 0x7fffffffu) + 1u);
+}
+
+// The largest metadata value <= x (finite), or infinity when x lies outside the metadata type's finite range.
+// Mirrors `meta_floor` in quant/mod.rs.
+__device__ __forceinline__ float adq_meta_floor(float x, u32 meta) {
+    if (meta != ADQ_META_F16) {
+        return x;
+    }
+    if (fabsf(x) > 65504.0f) {
+        return ADQ_INF;
+    }
+    u32 b = adq_f32_to_f16(x);
+    if (adq_f16_to_f32((u16)b) > x) {
+        b = (b == 0u || (b & 0x8000u)) ? ((b | 0x8000u) + 1u) : (b - 1u);
+    }
+    return adq_f16_to_f32((u16)b);
+}
+
+// The smallest metadata value >= x (x >= 0); infinity when there is none. Mirrors `meta_ceil` in quant/mod.rs.
+__device__ __forceinline__ float adq_meta_ceil(float x, u32 meta) {
+    if (meta != ADQ_META_F16) {
+        return x;
+    }
+    u32 b = adq_f32_to_f16(x);
+    if (adq_f16_to_f32((u16)b) < x) {
+        b += 1u;
+    }
+    return adq_f16_to_f32((u16)b);
+}
+
+// The stored (scale, minimum) of a group with finite extremes mn <= mx, covering the group: the minimum rounded
+// toward minus infinity, the scale (mx - stored minimum) / max_code rounded up, with the f32 difference corrected
+// by TwoSum and the quotient by the sign of a fused residual. Bit for bit `covering_params` in quant/mod.rs.
+__device__ __forceinline__ void adq_covering_params(float mn, float mx, float max_code, u32 meta, float* sc,
+                                                    float* m_out) {
+    const float m = adq_meta_floor(mn, meta);
+    float r = __fsub_rn(mx, m);
+    const float b = __fsub_rn(r, mx);
+    const float a = __fsub_rn(r, b);
+    const float err = __fadd_rn(__fsub_rn(mx, a), __fsub_rn(-m, b));
+    if (err > 0.0f) {
+        r = adq_next_up_nonneg(r);
+    }
+    float q = __fdiv_rn(r, max_code);
+    if (__fmaf_rn(q, max_code, -r) < 0.0f) {
+        q = adq_next_up_nonneg(q);
+    }
+    *sc = adq_meta_ceil(q, meta);
+    *m_out = m;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Stream element order (see `GroupAxis` in format.rs). In both layouts the group of stream element `e` is `e / G`.
 

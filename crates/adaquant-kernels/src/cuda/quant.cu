@@ -62,13 +62,16 @@ extern "C" __global__ void adq_quant_meta(const void* src, u32 src_dtype, u64 sr
         mn = 0.0f;
         mx = 0.0f;
     }
-    const float sc = __fdiv_rn(__fsub_rn(mx, mn), (float)(W::levels - 1));
+    // The covering pair (quant/mod.rs): stored values are exact in the metadata type, so storing does not round.
+    float sc;
+    float mn_cover;
+    adq_covering_params(mn, mx, (float)(W::levels - 1), meta, &sc, &mn_cover);
     const i64 m = (i64)head * (i64)meta_head_stride + (i64)(g0 + g);
     const float sc_stored = adq_store_meta(scale, m, meta, sc);
-    const float mn_stored = adq_store_meta(minv, m, meta, mn);
+    const float mn_stored = adq_store_meta(minv, m, meta, mn_cover);
     if (finite && !(isfinite(sc_stored) && isfinite(mn_stored))) {
         status[2] = 1u;
-        status[3] = __float_as_uint(isfinite(sc_stored) ? mn : sc);
+        status[3] = __float_as_uint(isfinite(mn_stored) ? sc : mn);
     }
 }
 

@@ -1,10 +1,11 @@
 //! Scalar host twins of the CUDA kernels, written straight from the layout rules in [`crate::format`]: what every
 //! GPU result is compared against (packing bit for bit, attention to a relative tolerance).
 //!
-//! Quantization follows the exact semantics of the design: per group, scale = (max - min) / (levels - 1) in f32;
-//! scale and minimum are stored (rounded to f16 for [`MetaDtype::F16`]); codes are
-//! clamp(round((x - min) / scale), 0, levels - 1) computed with the stored values, and code 0 when the stored scale
-//! is zero; reconstruction is min + code * scale.
+//! Quantization follows the exact semantics of the design: per group, the stored minimum is the group minimum
+//! rounded toward minus infinity to the metadata type, and the stored scale is (max - stored minimum) /
+//! (levels - 1) rounded up (the covering pair of [`crate::quant`], computed here by the crate's reference formula,
+//! not by the fast path the kernels mirror); codes are clamp(round((x - min) / scale), 0, levels - 1) computed with
+//! the stored values, and code 0 when the stored scale is zero; reconstruction is min + code * scale.
 
 use half::f16;
 
@@ -107,8 +108,8 @@ pub fn quantize_ref(x: &[f32], tokens: usize, head_dim: usize, spec: &QuantSpec)
     for (gi, grp) in ordered.chunks(g).enumerate() {
         let mn = grp.iter().copied().fold(f32::INFINITY, f32::min);
         let mx = grp.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sc = stored_meta((mx - mn) / (spec.bits.levels() - 1) as f32, spec.meta);
-        let mn = stored_meta(mn, spec.meta);
+        let (sc, mn) =
+            crate::quant::reference::covering_params_ref(spec.meta, (spec.bits.levels() - 1) as f32, mn, mx)?;
         out.scale.push(sc);
         out.min.push(mn);
         for (k, &v) in grp.iter().enumerate() {

@@ -5,7 +5,7 @@
 use crate::error::Result;
 use crate::format::{GroupAxis, QuantSpec, ZeroPoint};
 use crate::pack;
-use crate::quant::{quantize_value, reference, PackedView};
+use crate::quant::{covering_params, hqq, quantize_value, round_meta, PackedView};
 use crate::simd::{self, SimdLevel};
 
 /// Minimum and maximum of `xs` with eight independent lanes.
@@ -33,6 +33,23 @@ fn minmax(xs: &[f32]) -> (f32, f32) {
     (a, b)
 }
 
+/// The stored scale and minimum of a group with extremes `mn`, `mx`: the covering min-max pair, then, for HQQ, the
+/// refined minimum rounded to the metadata type if that lowers the group's mean absolute error.
+#[inline(always)]
+fn stored_params(spec: &QuantSpec, group: &[f32], mn: f32, mx: f32) -> Result<(f32, f32)> {
+    let max_code = spec.bits.max_code() as f32;
+    let (s, m) = covering_params(spec.meta, max_code, mn, mx)?;
+    if let ZeroPoint::Hqq { iters, p, beta, kappa } = spec.zero {
+        let refined = hqq::refine_min(group, s, m, max_code, iters, p, beta, kappa);
+        if let Ok(r) = round_meta(spec.meta, "minimum", refined) {
+            if hqq::mean_abs_error(group, s, r, max_code) < hqq::mean_abs_error(group, s, m, max_code) {
+                return Ok((s, r));
+            }
+        }
+    }
+    Ok((s, m))
+}
+
 #[inline(always)]
 fn quantize_generic(
     spec: &QuantSpec,
@@ -50,7 +67,7 @@ fn quantize_generic(
                 x.chunks_exact(g).zip(codes.chunks_exact_mut(g)).zip(scales.iter_mut()).zip(mins.iter_mut())
             {
                 let (mn, mx) = minmax(xs);
-                let (s, m) = reference::stored_params(spec, xs, mn, mx)?;
+                let (s, m) = stored_params(spec, xs, mn, mx)?;
                 *s_out = s;
                 *m_out = m;
                 for (c, &v) in cs.iter_mut().zip(xs) {
@@ -80,7 +97,7 @@ fn quantize_generic(
                             column[j] = xb[j * d + c];
                         }
                     }
-                    let (s, m) = reference::stored_params(spec, &column, mn[c], mx[c])?;
+                    let (s, m) = stored_params(spec, &column, mn[c], mx[c])?;
                     s_blk[c] = s;
                     m_blk[c] = m;
                 }

@@ -19,7 +19,7 @@ fn shrink_lp(x: f32, beta: f32, p: f32) -> f32 {
     x.signum() * (a - a.powf(p - 1.0) / beta).max(0.0)
 }
 
-fn mean_abs_error(x: &[f32], s: f32, m: f32, max_code: f32) -> f64 {
+pub(crate) fn mean_abs_error(x: &[f32], s: f32, m: f32, max_code: f32) -> f64 {
     x.iter().map(|&v| (v - (m + quantize_value(v, s, m, max_code) as f32 * s)).abs() as f64).sum::<f64>()
         / x.len() as f64
 }

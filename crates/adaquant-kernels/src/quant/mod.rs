@@ -1,17 +1,22 @@
 //! Group-wise asymmetric min-max quantization of one KV head into a packed stream, and dequantization.
 //!
 //! Semantics (DESIGN.md): for a group with minimum `min` and maximum `max`, `scale = (max - min) / (levels - 1)`,
-//! `code = clamp(round((x - min) / scale), 0, levels - 1)` and `x^ = min + code * scale`. The scale and minimum are
-//! first rounded to the metadata type (f16 by default) and the codes are computed against the rounded values, so the
-//! stored metadata and codes are consistent. A constant group has scale 0 and reconstructs exactly whenever its value
-//! is representable in the metadata type (always with f32 metadata).
+//! `code = clamp(round((x - min) / scale), 0, levels - 1)` and `x^ = min + code * scale`. The stored pair covers
+//! the group: the minimum is rounded toward minus infinity to the metadata type (f16 by default), and the scale is
+//! `(max - stored min) / (levels - 1)` rounded up, so `stored min <= min` and `stored min + (levels - 1) * scale >=
+//! max` hold exactly; the codes are computed against the stored values. Every element is then within half a stored
+//! scale of its reconstruction, up to f32 rounding of the code and of `min + code * scale` (see
+//! [`covering_params`]), however large the group's offset is next to its range. A constant group has scale 0 and
+//! reconstructs exactly whenever its value is representable in the metadata type (always with f32 metadata).
+//! A minimum or scale outside the finite range of the metadata type (beyond 65504 for f16) is
+//! [`Error::MetaOverflow`].
 //!
 //! [`PackedStream`] owns the packed codes and metadata of one KV head and grows by appends; every value is quantized
 //! exactly once, when it is pushed. [`PackedView`] borrows a stream (or any consistent set of buffers).
 
 mod cpu;
 pub mod hqq;
-mod reference;
+pub(crate) mod reference;
 
 use half::f16;
 
@@ -84,6 +89,14 @@ impl MetaBuf {
         match self {
             MetaBuf::F16(v) => v.clear(),
             MetaBuf::F32(v) => v.clear(),
+        }
+    }
+
+    /// Keeps the first `n` entries.
+    pub fn truncate(&mut self, n: usize) {
+        match self {
+            MetaBuf::F16(v) => v.truncate(n),
+            MetaBuf::F32(v) => v.truncate(n),
         }
     }
 
@@ -184,6 +197,80 @@ pub(crate) fn round_meta(dtype: MetaDtype, what: &'static str, x: f32) -> Result
     } else {
         Err(Error::MetaOverflow { what, value: x, dtype })
     }
+}
+
+/// Largest f16 magnitude.
+const F16_MAX: f32 = 65504.0;
+
+/// The next f32 above a finite `x >= 0` (`+0` for `x == -0`).
+#[inline(always)]
+fn next_up_nonneg(x: f32) -> f32 {
+    f32::from_bits((x.to_bits() & 0x7fff_ffff) + 1)
+}
+
+/// The largest value of the metadata type that is at most `x` (finite), or [`Error::MetaOverflow`] when `x` lies
+/// outside the type's finite range.
+#[inline(always)]
+fn meta_floor(dtype: MetaDtype, what: &'static str, x: f32) -> Result<f32> {
+    match dtype {
+        MetaDtype::F32 => Ok(x),
+        MetaDtype::F16 => {
+            if x.abs() > F16_MAX {
+                return Err(Error::MetaOverflow { what, value: x, dtype });
+            }
+            let mut b = f16::from_f32(x).to_bits();
+            if f16::from_bits(b).to_f32() > x {
+                // One step toward minus infinity: positive values lose magnitude, negative ones (and +0) gain it.
+                b = if b == 0 || b & 0x8000 != 0 { (b | 0x8000) + 1 } else { b - 1 };
+            }
+            Ok(f16::from_bits(b).to_f32())
+        }
+    }
+}
+
+/// The smallest value of the metadata type that is at least `x` (`x >= 0`), or [`Error::MetaOverflow`] when it
+/// does not exist.
+#[inline(always)]
+fn meta_ceil(dtype: MetaDtype, what: &'static str, x: f32) -> Result<f32> {
+    let r = match dtype {
+        MetaDtype::F32 => x,
+        MetaDtype::F16 => {
+            let mut b = f16::from_f32(x).to_bits();
+            if f16::from_bits(b).to_f32() < x {
+                b += 1;
+            }
+            f16::from_bits(b).to_f32()
+        }
+    };
+    if r.is_finite() {
+        Ok(r)
+    } else {
+        Err(Error::MetaOverflow { what, value: x, dtype })
+    }
+}
+
+/// The stored (scale, minimum) of a min-max group with extremes `mn <= mx` (finite): the pair covers the group.
+///
+/// `m` is the largest metadata value `<= mn`; `r` the smallest f32 `>= mx - m` (the rounding error of the f32
+/// difference is recovered exactly with the TwoSum transformation); `q` the smallest f32 with `q * max_code >= r`
+/// (the sign of the exact residual comes from one fused multiply-add); the scale is the smallest metadata value
+/// `>= q`. Hence `m <= mn` and `m + max_code * scale >= mx` hold in exact arithmetic, and with f16 metadata the
+/// scale is the smallest f16 for which they do. The CUDA quantizer (`quant.cu`) performs the same operations; the
+/// reference quantizer computes the same pair on its own, in f64.
+#[inline(always)]
+pub(crate) fn covering_params(dtype: MetaDtype, max_code: f32, mn: f32, mx: f32) -> Result<(f32, f32)> {
+    let m = meta_floor(dtype, "minimum", mn)?;
+    let r = mx - m;
+    let b = r - mx;
+    let a = r - b;
+    let err = (mx - a) + (-m - b);
+    let r = if err > 0.0 { next_up_nonneg(r) } else { r };
+    let mut q = r / max_code;
+    if q.mul_add(max_code, -r) < 0.0 {
+        q = next_up_nonneg(q);
+    }
+    let s = meta_ceil(dtype, "scale", q)?;
+    Ok((s, m))
 }
 
 /// The code of `x` in a group with stored scale `s` and minimum `m` (the one quantization formula of the crate):
@@ -345,6 +432,30 @@ impl PackedStream {
             scales: self.scales.view(),
             mins: self.mins.view(),
         }
+    }
+
+    /// Keeps the first `tokens` tokens, leaving the stream exactly (codes, metadata and bytes) as it was when it
+    /// held that many: the undo of the pushes since. Per-channel streams need `tokens` to be a multiple of the group
+    /// size ([`Error::GroupDoesNotDivide`] otherwise, and the stream is unchanged); more tokens than held is a no-op.
+    pub fn truncate(&mut self, tokens: usize) -> Result<()> {
+        if tokens >= self.tokens {
+            return Ok(());
+        }
+        if self.spec.axis == GroupAxis::PerChannel && !tokens.is_multiple_of(self.spec.group) {
+            return Err(Error::GroupDoesNotDivide {
+                group: self.spec.group,
+                len: tokens,
+                what: "tokens kept by truncate",
+                axis: self.spec.axis,
+            });
+        }
+        let d = self.head_dim;
+        pack::truncate_codes(self.spec.bits, &mut self.codes, tokens * d);
+        let groups = self.spec.n_groups(tokens, d);
+        self.scales.truncate(groups);
+        self.mins.truncate(groups);
+        self.tokens = tokens;
+        Ok(())
     }
 
     /// Removes every token, keeping the allocations.

@@ -369,7 +369,9 @@ fn exact_values<const F16: bool>(
     n
 }
 
-/// Turns scores into unnormalised probabilities in place; returns each query's sum.
+/// Turns scores into unnormalised probabilities in place; returns each query's sum, or NaN for a query with a
+/// non-finite score (as the portable twin does, so that the caller reports it: `max` and `exp8` below would
+/// otherwise turn a NaN score into a tiny weight).
 #[target_feature(enable = "avx2,fma")]
 fn softmax(scores: &mut [f32], n_rep: usize, t_all: usize) -> Vec<f32> {
     (0..n_rep)
@@ -377,18 +379,25 @@ fn softmax(scores: &mut [f32], n_rep: usize, t_all: usize) -> Vec<f32> {
             let s = &mut scores[r * t_all..(r + 1) * t_all];
             let n8 = s.len() / 8 * 8;
             let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+            // Sum of `x * 0`: NaN exactly when some score is NaN or infinite.
+            let mut pv = _mm256_setzero_ps();
+            let zero = _mm256_setzero_ps();
             let mut i = 0;
             while i < n8 {
                 // SAFETY: `i + 8 <= len`.
-                mv = _mm256_max_ps(mv, unsafe { _mm256_loadu_ps(s.as_ptr().add(i)) });
+                let x = unsafe { _mm256_loadu_ps(s.as_ptr().add(i)) };
+                mv = _mm256_max_ps(mv, x);
+                pv = _mm256_add_ps(pv, _mm256_mul_ps(x, zero));
                 i += 8;
             }
             let mut lanes = [0f32; 8];
             // SAFETY: eight lanes into an eight-element array.
             unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), mv) };
             let mut max = lanes.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut probe = hsum(pv);
             for &x in &s[n8..] {
                 max = max.max(x);
+                probe += x * 0.0;
             }
             let m = _mm256_set1_ps(max);
             let mut sv = _mm256_setzero_ps();
@@ -407,7 +416,11 @@ fn softmax(scores: &mut [f32], n_rep: usize, t_all: usize) -> Vec<f32> {
                 *x = exp1(*x - max);
                 sum += *x;
             }
-            sum
+            if probe.is_nan() {
+                f32::NAN
+            } else {
+                sum
+            }
         })
         .collect()
 }
