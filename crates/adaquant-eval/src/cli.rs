@@ -36,7 +36,8 @@ pub struct SweepArgs {
     /// Text for perplexity and KL, tokenized as one string without BOS [default: WikiText-2 raw test].
     #[arg(long)]
     pub text: Option<PathBuf>,
-    /// Output folder: results.jsonl (one line per finished point), table.md and the plots.
+    /// Output folder: results.jsonl (one line per finished point; one sweep at a time per results file), table.md and
+    /// the plots. Results files of an older adaquant are refused: pick another folder or rename the old file.
     #[arg(long, default_value = "results/sweep")]
     pub out: PathBuf,
     /// Window length in tokens; the first half of each window is context, the second half is scored.
@@ -106,7 +107,7 @@ pub struct SweepArgs {
     #[arg(long)]
     pub shard: Option<String>,
     /// Build the table and plots from the results*.jsonl files in these folders (shards' outputs) and exit;
-    /// they are written to --out.
+    /// they are written to --out. A point recorded twice with different numbers is an error.
     #[arg(long, num_args = 1..)]
     pub merge: Vec<PathBuf>,
     /// Print the points and exit.
