@@ -28,7 +28,8 @@ use crate::tasks::TaskResult;
 /// code changes a recorded number (metrics, protocol, tokenization, quantization) or what a key means, so that old
 /// results are refused instead of being resumed as if they were new.
 ///
-/// Version 1 (implicit: lines without `results_version`) keyed points by the model's file name only.
+/// Lines without `results_version` (read as 0) were written before versions existed and keyed points by the
+/// model's file name only; version 2 is the first written.
 pub const RESULTS_VERSION: u32 = 2;
 
 /// Everything recorded about one finished sweep point.
