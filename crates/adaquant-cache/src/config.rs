@@ -301,74 +301,136 @@ impl CacheSpec {
         })
     }
 
-    /// Parses a spec from JSON text.
+    /// Parses a spec from JSON text: adaquant's tagged shape (`{"kind": ...}`), a bare [`QuantCacheConfig`]
+    /// (`{"layers": [...], ...}`), or the authors' kvq shape (`{"nbits": ...}`, see [`crate::kvq`]).
     pub fn from_json(text: &str) -> Result<CacheSpec> {
-        serde_json::from_str(text).map_err(|e| CacheError::ConfigFile { path: "<json>".into(), msg: e.to_string() })
+        Self::from_json_at(text, "<inline JSON>")
     }
 
-    /// Reads a spec from a JSON file.
+    /// Reads a spec from a JSON file (every shape [`CacheSpec::from_json`] accepts).
     pub fn load(path: &std::path::Path) -> Result<CacheSpec> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| CacheError::ConfigFile { path: path.display().to_string(), msg: e.to_string() })?;
-        serde_json::from_str(&text)
-            .map_err(|e| CacheError::ConfigFile { path: path.display().to_string(), msg: e.to_string() })
+        Self::from_json_at(&text, &path.display().to_string())
+    }
+
+    fn from_json_at(text: &str, origin: &str) -> Result<CacheSpec> {
+        let bad = |msg: String| CacheError::ConfigFile { path: origin.to_string(), msg };
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let obj = value.as_object().ok_or_else(|| {
+            bad("expected a JSON object: {\"kind\": ...}, {\"layers\": [...]} or the kvq shape {\"nbits\": ...}".into())
+        })?;
+        let spec = if obj.contains_key("kind") {
+            serde_json::from_value::<CacheSpec>(value).map_err(|e| bad(e.to_string()))?
+        } else if obj.contains_key("layers") {
+            CacheSpec::Quant(serde_json::from_value::<QuantCacheConfig>(value).map_err(|e| bad(e.to_string()))?)
+        } else {
+            CacheSpec::Kvq { kvq: value }
+        };
+        // A kvq config is checked now, so a bad field is reported where the spec is read, not when it is built.
+        if let CacheSpec::Kvq { kvq } = &spec {
+            crate::kvq::KvqConfig::from_value(kvq)?;
+        }
+        Ok(spec)
+    }
+
+    /// Parses a cache argument of any command (`--cache`) or of the library: every accepted form, in one place.
+    ///
+    /// - a short name: `f32`, `f16`, `k4v2`, `k16v2` (16 = unquantized side), `k4v2-g32-r64-s4-kivi`, ...;
+    /// - inline JSON (text starting with `{`) in any shape [`CacheSpec::from_json`] accepts;
+    /// - the path of a JSON file in the same shapes: a name ending in `.json`, or any existing file whose name is
+    ///   not a short name.
+    ///
+    /// `str::parse::<CacheSpec>()` is this function.
+    pub fn parse_arg(arg: &str) -> Result<CacheSpec> {
+        let s = arg.trim();
+        if s.is_empty() {
+            return Err(CacheError::Field {
+                field: "cache".into(),
+                msg: "empty; give a short name such as k4v2, inline JSON, or a JSON file".into(),
+            });
+        }
+        if s.starts_with(['{', '[']) {
+            return Self::from_json(s);
+        }
+        if s.to_ascii_lowercase().ends_with(".json") {
+            return Self::load(std::path::Path::new(s));
+        }
+        match parse_short_name(s) {
+            Ok(spec) => Ok(spec),
+            Err(e) if std::path::Path::new(s).is_file() => Self::load(std::path::Path::new(s)).map_err(|le| match le {
+                CacheError::ConfigFile { path, msg } => {
+                    CacheError::ConfigFile { path, msg: format!("{msg} (and not a short name: {e})") }
+                }
+                other => other,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Every form of [`CacheSpec::parse_arg`]: short names, inline JSON and JSON files.
+impl FromStr for CacheSpec {
+    type Err = CacheError;
+
+    fn from_str(s: &str) -> Result<CacheSpec> {
+        CacheSpec::parse_arg(s)
     }
 }
 
 /// Short names for the command line: `f32`, `f16`, `k4v2`, `k8v4-kivi`, `k4v2-g32-r64-s4`, `k16v2`
 /// (16 means unquantized). Options after the widths: `g<group>`, `r<residual>`, `s<sinks>` and `kivi`
 /// (keys in per-channel groups; values always use per-token groups).
-impl FromStr for CacheSpec {
-    type Err = CacheError;
-
-    fn from_str(s: &str) -> Result<CacheSpec> {
-        let s = s.trim().to_ascii_lowercase();
-        match s.as_str() {
-            "f32" | "full" | "fp32" => return Ok(CacheSpec::FullF32),
-            "f16" | "fp16" => return Ok(CacheSpec::FullF16),
-            _ => {}
-        }
-        let bad = |msg: String| CacheError::Field { field: "cache".into(), msg };
-        let mut parts = s.split(['-', '_', ' ']).filter(|p| !p.is_empty());
-        let head = parts.next().unwrap_or_default();
-        let rest = head.strip_prefix('k').ok_or_else(|| {
-            bad(format!("'{s}': expected f32, f16 or k<bits>v<bits>[-g<group>][-r<residual>][-s<sinks>][-kivi]"))
-        })?;
-        let (kb, vb) = rest.split_once('v').ok_or_else(|| bad(format!("'{s}': missing v<bits>")))?;
-        let width = |x: &str| -> Result<Option<Bits>> {
-            let n: f64 = x.parse().map_err(|_| bad(format!("'{x}' is not a bit width")))?;
-            if (n - 16.0).abs() < 1e-9 {
-                return Ok(None);
-            }
-            Bits::from_f64(n).map(Some).map_err(|e| bad(e.to_string()))
-        };
-        let (kb, vb) = (width(kb)?, width(vb)?);
-        let (mut group, mut residual, mut sinks, mut kivi) = (DEFAULT_GROUP, DEFAULT_RESIDUAL, 0, false);
-        for p in parts {
-            let num = |x: &str| -> Result<usize> { x.parse().map_err(|_| bad(format!("bad option '{p}'"))) };
-            if p == "kivi" {
-                kivi = true;
-            } else if let Some(x) = p.strip_prefix('g') {
-                group = num(x)?;
-            } else if let Some(x) = p.strip_prefix('r') {
-                residual = num(x)?;
-            } else if let Some(x) = p.strip_prefix('s') {
-                sinks = num(x)?;
-            } else {
-                return Err(bad(format!("unknown option '{p}' (use g<group>, r<residual>, s<sinks>, kivi)")));
-            }
-        }
-        let k_axis = if kivi { GroupAxis::PerChannel } else { GroupAxis::PerToken };
-        let prec = |b: Option<Bits>, axis| match b {
-            None => Precision::Full,
-            Some(b) => Precision::Quant(QuantSpec::new(b, group, axis)),
-        };
-        Ok(CacheSpec::Uniform {
-            layer: LayerPrecision { k: prec(kb, k_axis), v: prec(vb, GroupAxis::PerToken) },
-            residual,
-            sinks,
-        })
+fn parse_short_name(s: &str) -> Result<CacheSpec> {
+    let s = s.trim().to_ascii_lowercase();
+    match s.as_str() {
+        "f32" | "full" | "fp32" => return Ok(CacheSpec::FullF32),
+        "f16" | "fp16" => return Ok(CacheSpec::FullF16),
+        _ => {}
     }
+    let bad = |msg: String| CacheError::Field { field: "cache".into(), msg };
+    let mut parts = s.split(['-', '_', ' ']).filter(|p| !p.is_empty());
+    let head = parts.next().unwrap_or_default();
+    let rest = head.strip_prefix('k').ok_or_else(|| {
+        bad(format!(
+            "'{s}': expected f32, f16, k<bits>v<bits>[-g<group>][-r<residual>][-s<sinks>][-kivi], inline JSON \
+             ({{\"kind\": ...}} or the kvq shape), or a JSON file"
+        ))
+    })?;
+    let (kb, vb) = rest.split_once('v').ok_or_else(|| bad(format!("'{s}': missing v<bits>")))?;
+    let width = |x: &str| -> Result<Option<Bits>> {
+        let n: f64 = x.parse().map_err(|_| bad(format!("'{x}' is not a bit width")))?;
+        if (n - 16.0).abs() < 1e-9 {
+            return Ok(None);
+        }
+        Bits::from_f64(n).map(Some).map_err(|e| bad(e.to_string()))
+    };
+    let (kb, vb) = (width(kb)?, width(vb)?);
+    let (mut group, mut residual, mut sinks, mut kivi) = (DEFAULT_GROUP, DEFAULT_RESIDUAL, 0, false);
+    for p in parts {
+        let num = |x: &str| -> Result<usize> { x.parse().map_err(|_| bad(format!("bad option '{p}'"))) };
+        if p == "kivi" {
+            kivi = true;
+        } else if let Some(x) = p.strip_prefix('g') {
+            group = num(x)?;
+        } else if let Some(x) = p.strip_prefix('r') {
+            residual = num(x)?;
+        } else if let Some(x) = p.strip_prefix('s') {
+            sinks = num(x)?;
+        } else {
+            return Err(bad(format!("unknown option '{p}' (use g<group>, r<residual>, s<sinks>, kivi)")));
+        }
+    }
+    let k_axis = if kivi { GroupAxis::PerChannel } else { GroupAxis::PerToken };
+    let prec = |b: Option<Bits>, axis| match b {
+        None => Precision::Full,
+        Some(b) => Precision::Quant(QuantSpec::new(b, group, axis)),
+    };
+    Ok(CacheSpec::Uniform {
+        layer: LayerPrecision { k: prec(kb, k_axis), v: prec(vb, GroupAxis::PerToken) },
+        residual,
+        sinks,
+    })
 }
 
 #[cfg(test)]
@@ -431,20 +493,99 @@ mod tests {
         .is_err());
     }
 
+    /// Every form a cache argument may take (short names, inline JSON in each shape, JSON files), through the one
+    /// parser that every command and the library use, and the errors of malformed ones.
     #[test]
-    fn short_names_parse() {
-        let s: CacheSpec = "k4v2".parse().unwrap();
-        let c = s.quant_config(2).unwrap().unwrap();
-        assert_eq!(c, QuantCacheConfig::split(2, Bits::B4, Bits::B2));
-        assert_eq!(c.describe(), "K4V2 g64/64 r128");
-        let c = "k8v1.58-kivi-r64-s4".parse::<CacheSpec>().unwrap().quant_config(1).unwrap().unwrap();
-        assert_eq!(c, QuantCacheConfig::kivi(1, Bits::B8, Bits::B1_58).with_residual(64).with_sinks(4));
-        let c = "k16v4".parse::<CacheSpec>().unwrap().quant_config(1).unwrap().unwrap();
-        assert_eq!(c.layers[0].k, Precision::Full);
-        assert_eq!("f16".parse::<CacheSpec>().unwrap(), CacheSpec::FullF16);
-        for bad in ["k7v2", "q4", "k4", "k4v2-x3", "k4v2-gx"] {
-            assert!(bad.parse::<CacheSpec>().is_err(), "{bad}");
+    fn every_cache_argument_form_parses() {
+        let dir = std::env::temp_dir().join(format!("adaquant-cache-arg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let parse = |s: &str| s.parse::<CacheSpec>().unwrap_or_else(|e| panic!("{s}: {e}"));
+        let config = |s: &str| parse(s).quant_config(2).unwrap().unwrap_or_else(|| panic!("{s}: not quantized"));
+
+        // Short names.
+        for (s, want) in [
+            ("f32", CacheSpec::FullF32),
+            ("full", CacheSpec::FullF32),
+            ("FP32", CacheSpec::FullF32),
+            ("f16", CacheSpec::FullF16),
+            ("fp16", CacheSpec::FullF16),
+        ] {
+            assert_eq!(parse(s), want, "{s}");
         }
+        assert_eq!(config("k4v2"), QuantCacheConfig::split(2, Bits::B4, Bits::B2));
+        assert_eq!(config("  K4V2 "), QuantCacheConfig::split(2, Bits::B4, Bits::B2));
+        assert_eq!(parse("k4v2").quant_config(2).unwrap().unwrap().describe(), "K4V2 g64/64 r128");
+        assert_eq!(
+            config("k8v1.58-kivi-r64-s4"),
+            QuantCacheConfig::kivi(2, Bits::B8, Bits::B1_58).with_residual(64).with_sinks(4)
+        );
+        let c = config("k16v2");
+        assert_eq!((c.layers[0].k, c.layers[0].v), (Precision::Full, Precision::bits(Bits::B2)));
+        assert_eq!(config("k16v16"), QuantCacheConfig::full(2));
+
+        // One configuration written in every form gives the same cache config: K4 per-channel groups of 32,
+        // V2 per-token groups of 32, window 64, 4 sinks.
+        let want = QuantCacheConfig::uniform(
+            2,
+            LayerPrecision::new(Precision::per_channel(Bits::B4, 32), Precision::per_token(Bits::B2, 32)),
+        )
+        .with_residual(64)
+        .with_sinks(4);
+        let layer = r#"{"k":{"quant":{"bits":4,"group":32,"axis":"per_channel"}},"v":{"quant":{"bits":2,"group":32,"axis":"per_token"}}}"#;
+        let kvq = r#"{"nbits":{"k":4,"v":2},"group_size":32,"residual_length":64,"axis":{"k":"per_channel","v":1},"sinks":4}"#;
+        let inline = [
+            format!(r#"{{"kind":"uniform","layer":{layer},"residual":64,"sinks":4}}"#),
+            format!(r#"{{"kind":"quant","layers":[{layer},{layer}],"residual":64,"sinks":4}}"#),
+            format!(r#"{{"layers":[{layer},{layer}],"residual":64,"sinks":4}}"#),
+            format!(r#"{{"kind":"kvq","kvq":{kvq}}}"#),
+            kvq.to_string(),
+            format!("  {kvq}\n"),
+        ];
+        let mut forms = vec!["k4v2-g32-r64-s4-kivi".to_string(), "k4v2_kivi_g32_s4_r64".to_string()];
+        for (i, json) in inline.iter().enumerate() {
+            forms.push(json.clone());
+            // The same JSON as a file: named .json, .JSON, or with any other name.
+            for name in [format!("spec{i}.json"), format!("spec{i}.JSON"), format!("spec{i}.cfg")] {
+                let path = dir.join(name);
+                std::fs::write(&path, json).unwrap();
+                forms.push(path.display().to_string());
+            }
+        }
+        for f in &forms {
+            assert_eq!(config(f), want, "{f}");
+        }
+        // Specs written by serde read back.
+        for spec in [CacheSpec::FullF16, parse("k4v2-g32-r64-s4-kivi"), CacheSpec::Quant(want.clone())] {
+            assert_eq!(parse(&serde_json::to_string(&spec).unwrap()), spec);
+        }
+        assert_eq!(CacheSpec::from_json(r#"{"kind":"full_f16"}"#).unwrap(), CacheSpec::FullF16);
+
+        // Malformed arguments are typed errors naming what is wrong.
+        for bad in ["", "  ", "k7v2", "q4", "k4", "k4v2-x3", "k4v2-gx", "kxv2", "[1, 2]"] {
+            assert!(bad.parse::<CacheSpec>().is_err(), "{bad:?}");
+        }
+        let err = |s: &str| s.parse::<CacheSpec>().unwrap_err().to_string();
+        assert!(err("{\"kind\": \"bogus\"}").contains("bogus"), "{}", err("{\"kind\": \"bogus\"}"));
+        assert!(err("{not json").contains("<inline JSON>"));
+        assert!(err("[1, 2]").contains("expected a JSON object"));
+        assert!(err(r#"{"nbits": 4, "axis": 0}"#).contains("`axis`"), "{}", err(r#"{"nbits": 4, "axis": 0}"#));
+        assert!(err(r#"{"nbits": 4, "colour": 1}"#).contains("`colour`"));
+        assert!(err("{}").contains("nbits"));
+        let missing = dir.join("missing.json").display().to_string();
+        assert!(err(&missing).contains(&missing), "{}", err(&missing));
+        let broken = dir.join("broken.json");
+        std::fs::write(&broken, "{\"kind\": ").unwrap();
+        assert!(err(&broken.display().to_string()).contains("broken.json"));
+        let not_spec = dir.join("notes.txt");
+        std::fs::write(&not_spec, "hello").unwrap();
+        let e = err(&not_spec.display().to_string());
+        assert!(e.contains("notes.txt") && e.contains("not a short name"), "{e}");
+        assert!(err("q4").contains("inline JSON"), "the error lists every form: {}", err("q4"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn average_bits_count_both_sides() {
         assert!((QuantCacheConfig::split(4, Bits::B4, Bits::B2).average_bits() - 3.0).abs() < 1e-12);
     }
 }

@@ -36,7 +36,8 @@ pub struct SweepArgs {
     /// Text for perplexity and KL, tokenized as one string without BOS [default: WikiText-2 raw test].
     #[arg(long)]
     pub text: Option<PathBuf>,
-    /// Output folder: results.jsonl (one line per finished point), table.md and the plots.
+    /// Output folder: results.jsonl (one line per finished point; one sweep at a time per results file), table.md and
+    /// the plots. Results files of an older adaquant are refused: pick another folder or rename the old file.
     #[arg(long, default_value = "results/sweep")]
     pub out: PathBuf,
     /// Window length in tokens; the first half of each window is context, the second half is scored.
@@ -106,7 +107,7 @@ pub struct SweepArgs {
     #[arg(long)]
     pub shard: Option<String>,
     /// Build the table and plots from the results*.jsonl files in these folders (shards' outputs) and exit;
-    /// they are written to --out.
+    /// they are written to --out. A point recorded twice with different numbers is an error.
     #[arg(long, num_args = 1..)]
     pub merge: Vec<PathBuf>,
     /// Print the points and exit.
@@ -254,12 +255,9 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<()> {
     finish_report(&records, &a.out)
 }
 
-/// Parses a cache argument: a shorthand (`f32`, `f16`, `k4v2`, `k4v2-kivi-g32-r64-s4`) or a JSON file.
-pub fn parse_cache(s: &str) -> anyhow::Result<CacheSpec> {
-    if s.ends_with(".json") {
-        return Ok(CacheSpec::load(Path::new(s))?);
-    }
-    Ok(s.parse::<CacheSpec>()?)
+/// Parses a `--cache` argument with the one parser of every command and the library, [`CacheSpec::parse_arg`].
+fn parse_cache(s: &str) -> anyhow::Result<CacheSpec> {
+    CacheSpec::parse_arg(s).with_context(|| format!("--cache '{s}'"))
 }
 
 /// Arguments of `adaquant ppl`.
@@ -271,7 +269,8 @@ pub struct PplArgs {
     /// Text [default: WikiText-2 raw test].
     #[arg(long)]
     pub text: Option<PathBuf>,
-    /// KV cache: f32, f16, a shorthand such as k4v2 or k4v2-kivi-r64-s4 (16 = unquantized side), or a JSON spec file.
+    /// KV cache: f32, f16, a shorthand such as k4v2 or k4v2-kivi-r64-s4 (16 = unquantized side), inline JSON, or a
+    /// JSON spec file.
     #[arg(long, default_value = "f32")]
     pub cache: String,
     /// Window length (llama.cpp protocol: first half context, second half scored); try 2048, 4096 or 8192 too.
@@ -337,7 +336,7 @@ pub struct TasksArgs {
     /// Model [default: the SmolLM2-135M-Instruct GGUF in the data folder].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// KV cache: f32, f16, a shorthand such as k4v2, or a JSON spec file.
+    /// KV cache: f32, f16, a shorthand such as k4v2, inline JSON, or a JSON spec file.
     #[arg(long, default_value = "f32")]
     pub cache: String,
     /// Tasks to run: hellaswag, arc, lambada, passkey.

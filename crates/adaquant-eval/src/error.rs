@@ -6,8 +6,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EvalError {
-    /// A dataset file could not be read.
-    #[error("cannot read {path}: {source}; run `cargo xtask fetch` or set ADAQUANT_DATA")]
+    /// A file could not be read or written.
+    #[error("cannot read or write {path}: {source} (datasets: run `cargo xtask fetch` or set ADAQUANT_DATA)")]
     Io {
         path: PathBuf,
         #[source]
@@ -33,6 +33,29 @@ pub enum EvalError {
     /// A results file could not be written or parsed.
     #[error("results {path}: {msg}")]
     Results { path: String, msg: String },
+
+    /// Another process holds the results file (each results file has one writer at a time).
+    #[error(
+        "results file {path} is in use by another process ({holder}); wait for it to finish, or write elsewhere \
+         (another --out, or --shard i/N for a separate results file per shard)"
+    )]
+    ResultsLocked { path: PathBuf, holder: String },
+
+    /// A results file written with another results version (an older adaquant, whose keys cover less).
+    #[error(
+        "{path}: {lines} line(s) have results version {found}, this adaquant writes version {want} (0 = written \
+         before versions, keyed by the model's file name only, not by the model's and text's contents); they are \
+         neither resumed nor mixed with new results. Start fresh with another --out, or keep the old file under a \
+         name that does not start with `results` (e.g. `mv {path} {keep_as}`)"
+    )]
+    OldResults { path: PathBuf, found: u32, want: u32, lines: usize, keep_as: PathBuf },
+
+    /// Two results files record the same key with different numbers.
+    #[error(
+        "conflicting results for point '{key}': {first} and {second} disagree on {fields}; the same point measured \
+         twice must agree. Merge only results of one evaluation, or remove the stale file"
+    )]
+    MergeConflict { key: String, first: PathBuf, second: PathBuf, fields: String },
 }
 
 /// Result alias of the evaluation crate.

@@ -1,7 +1,6 @@
 //! `adaquant`: sweeps of KV-cache bit allocations, weight and activation analysis, generation, perplexity and
 //! task accuracy through any cache configuration.
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use adaquant_eval::cli;
@@ -48,10 +47,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Sweep(a) => cli::sweep(&a),
         Command::Analyze(a) => adaquant_analysis::run(&a).map(|out| println!("analysis written to {}", out.display())),
-        Command::Generate(a) => adaquant_model::generate::run_with(&a, &|spec, shape| {
-            let spec = cli::parse_cache(spec)?;
-            spec.build(shape).context("building the cache")
-        }),
+        Command::Generate(a) => adaquant_model::generate::run(&a),
         Command::Ppl(a) => cli::ppl(&a),
         Command::EvalTasks(a) => cli::eval_tasks(&a),
         Command::Bench(a) => adaquant_eval::bench::run(&a, &|spec, shape| {

@@ -1,7 +1,9 @@
 //! Result tables (Markdown, sorted by KL divergence) and plots (SVG and PNG) of sweep records.
 //!
-//! Records are grouped by evaluation settings (model, window, number of windows, reference top-k): only numbers
-//! measured the same way share a table or a plot. Plots per settings group:
+//! Records are grouped by evaluation settings (model, window, number of windows, reference top-k, and the rest of
+//! the recorded `settings`: model and text contents, tasks): only numbers measured the same way share a table or a
+//! plot. `table.md` and every plot are written to a temporary file in the same folder and renamed into place, so a
+//! reader never sees a half-written file. Plots per settings group:
 //! - `heatmap-ppl-<layout>` and `heatmap-kl-<layout>`: fixed-split points on the K-bits by V-bits grid, one pair
 //!   per quantization layout, axes over the union of the widths so the marked diagonal is K = V;
 //! - `ppl-vs-bits`, `kl-vs-bits`, `top1-vs-bits` and `<task>-vs-bits`: every point against its measured bits per
@@ -17,13 +19,38 @@ use crate::error::{EvalError, Result};
 use crate::results::PointResult;
 
 /// Identity of the evaluation settings of a record.
-fn settings(r: &PointResult) -> (String, usize, usize, usize) {
-    (r.model.clone(), r.ctx, r.windows, r.ref_topk)
+type Settings = (String, usize, usize, usize, String);
+
+fn settings(r: &PointResult) -> Settings {
+    (r.model.clone(), r.ctx, r.windows, r.ref_topk, r.settings.clone())
 }
 
-fn settings_title(s: &(String, usize, usize, usize)) -> String {
+fn settings_title(s: &Settings) -> String {
     let topk = if s.3 == 0 { "exact KL".to_string() } else { format!("KL over reference top-{}", s.3) };
     format!("{}, {} windows of {} tokens ({} scored tokens), {}", s.0, s.2, s.1, s.2 * (s.1 / 2 - 1), topk)
+}
+
+/// Records grouped by settings, each with its title; groups whose titles would read the same (another text, say)
+/// get the short hash of their settings appended.
+fn groups(records: &[PointResult]) -> Vec<(Settings, String, Vec<&PointResult>)> {
+    let mut groups: BTreeMap<Settings, Vec<&PointResult>> = BTreeMap::new();
+    for r in records {
+        groups.entry(settings(r)).or_default().push(r);
+    }
+    let mut titles: BTreeMap<String, usize> = BTreeMap::new();
+    for s in groups.keys() {
+        *titles.entry(settings_title(s)).or_default() += 1;
+    }
+    groups
+        .into_iter()
+        .map(|(s, rs)| {
+            let mut title = settings_title(&s);
+            if titles[&title] > 1 {
+                title.push_str(&format!(", settings {}", crate::sweep::short_sha(s.4.as_bytes())));
+            }
+            (s, title, rs)
+        })
+        .collect()
 }
 
 fn layout(r: &PointResult) -> String {
@@ -59,16 +86,12 @@ fn bits_label(b: f64) -> String {
 
 /// The Markdown table of `records`, one section per settings group, rows sorted by mean KL.
 pub fn markdown_table(records: &[PointResult]) -> String {
-    let mut groups: BTreeMap<(String, usize, usize, usize), Vec<&PointResult>> = BTreeMap::new();
-    for r in records {
-        groups.entry(settings(r)).or_default().push(r);
-    }
     let mut out = String::new();
-    for (s, mut rs) in groups {
+    for (_, title, mut rs) in groups(records) {
         rs.sort_by(|a, b| a.kl_mean.total_cmp(&b.kl_mean).then(a.bits_per_element.total_cmp(&b.bits_per_element)));
         let base = rs.iter().find(|r| r.policy == "full").map(|r| r.ppl);
         let task_names: BTreeSet<&str> = rs.iter().flat_map(|r| r.tasks.keys().map(String::as_str)).collect();
-        let _ = writeln!(out, "### {}\n", settings_title(&s));
+        let _ = writeln!(out, "### {title}\n");
         let mut head = "| config | policy | K bits | V bits | layout | bits/elt | KV KiB | PPL | dPPL | KL mean | KL p99 | top-1 |".to_string();
         let mut rule = "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |".to_string();
         for t in &task_names {
@@ -147,18 +170,60 @@ pub fn kv_grid(records: &[&PointResult], metric: impl Fn(&PointResult) -> f64) -
     (axis, grid)
 }
 
-/// Writes `table.md` and the plots of `records` into `dir`.
+/// A temporary name in `dir` for the file `name`, unique to this process.
+fn temp_name(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Fsyncs `tmp` and renames it to `path` (same folder), so `path` is always either the old or the new file.
+fn commit(tmp: &Path, path: &Path) -> Result<()> {
+    let f = std::fs::File::open(tmp).map_err(|e| EvalError::io(tmp, e))?;
+    f.sync_all().map_err(|e| EvalError::io(tmp, e))?;
+    std::fs::rename(tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(tmp);
+        EvalError::io(path, e)
+    })
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = temp_name(dir, &name);
+    std::fs::write(&tmp, bytes).map_err(|e| EvalError::io(&tmp, e))?;
+    commit(&tmp, path)
+}
+
+/// Draws a plot through `draw` (which writes `<stem>.svg` and `<stem>.png`) under a temporary stem in `dir`, then
+/// renames both files to `<name>.svg` and `<name>.png`.
+fn plot_atomic(
+    dir: &Path,
+    name: &str,
+    draw: impl FnOnce(&Path) -> std::result::Result<[PathBuf; 2], adaquant_analysis::plot::PlotError>,
+) -> Result<[PathBuf; 2]> {
+    let stem = temp_name(dir, name);
+    let drawn = draw(&stem).map_err(|e| {
+        for ext in ["svg", "png"] {
+            let _ = std::fs::remove_file(stem.with_file_name(format!(".{name}.tmp-{}.{ext}", std::process::id())));
+        }
+        plot_err(e)
+    })?;
+    let finals = [dir.join(format!("{name}.svg")), dir.join(format!("{name}.png"))];
+    for (tmp, path) in drawn.iter().zip(&finals) {
+        commit(tmp, path)?;
+    }
+    Ok(finals)
+}
+
+/// Writes `table.md` and the plots of `records` into `dir`, each atomically.
 pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> {
     std::fs::create_dir_all(dir).map_err(|e| EvalError::io(dir, e))?;
     let table = dir.join("table.md");
-    std::fs::write(&table, markdown_table(records)).map_err(|e| EvalError::io(&table, e))?;
+    write_atomic(&table, markdown_table(records).as_bytes())?;
     let mut files = ReportFiles { table, plots: Vec::new() };
-    let mut groups: BTreeMap<(String, usize, usize, usize), Vec<&PointResult>> = BTreeMap::new();
-    for r in records {
-        groups.entry(settings(r)).or_default().push(r);
-    }
+    let groups = groups(records);
     let multi = groups.len() > 1;
-    for (gi, (s, rs)) in groups.iter().enumerate() {
+    for (gi, (s, _, rs)) in groups.iter().enumerate() {
         let prefix = if multi { format!("s{gi}-") } else { String::new() };
         let sub = format!("ctx {} x {} windows", s.1, s.2);
         // Heatmaps per layout of the fixed-split points.
@@ -191,7 +256,7 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
                     ..Heatmap::default()
                 };
                 let [svg, png] =
-                    heatmap(&chart, &dir.join(format!("{prefix}heatmap-{metric}-{slug}"))).map_err(plot_err)?;
+                    plot_atomic(dir, &format!("{prefix}heatmap-{metric}-{slug}"), |stem| heatmap(&chart, stem))?;
                 files.plots.extend([svg, png]);
             }
         }
@@ -229,7 +294,7 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
                 ..Scatter::default()
             };
             let [svg, png] =
-                scatter_pareto(&chart, &dir.join(format!("{prefix}{metric}-vs-bits"))).map_err(plot_err)?;
+                plot_atomic(dir, &format!("{prefix}{metric}-vs-bits"), |stem| scatter_pareto(&chart, stem))?;
             files.plots.extend([svg, png]);
             Ok(())
         };
@@ -243,6 +308,7 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
             })?;
         }
     }
+    crate::results::sync_dir(dir)?;
     Ok(files)
 }
 
@@ -343,5 +409,51 @@ mod tests {
         }
         let png = std::fs::read(dir.join("ppl-vs-bits.png")).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    }
+
+    /// The table and the plots replace the old files by renaming a complete new file over them: a reader holding
+    /// the old file (here: a hard link to it) keeps it whole, and no temporary file is left behind.
+    #[test]
+    fn report_files_are_replaced_whole() {
+        let dir = std::env::temp_dir().join(format!("adaquant-eval-atomic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let rs = vec![
+            rec("full", "full", 16.0, 16.0, 20.0, 0.0, 32.0),
+            rec("K4V2", "fixed", 4.0, 2.0, 22.0, 0.1, 3.5),
+            rec("K2V4", "fixed", 2.0, 4.0, 25.0, 0.3, 3.5),
+        ];
+        for name in ["table.md", "ppl-vs-bits.png", "heatmap-kl-g64-tok-tok-r128.svg"] {
+            std::fs::write(dir.join(name), "old").unwrap();
+            std::fs::hard_link(dir.join(name), dir.join(format!("held-{name}"))).unwrap();
+        }
+        let files = write_report(&rs, &dir).unwrap();
+        assert_eq!(files.plots.len(), 10);
+        for name in ["table.md", "ppl-vs-bits.png", "heatmap-kl-g64-tok-tok-r128.svg"] {
+            assert_eq!(std::fs::read_to_string(dir.join(format!("held-{name}"))).unwrap(), "old", "{name}");
+            assert!(std::fs::metadata(dir.join(name)).unwrap().len() > 100, "{name}");
+        }
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn evaluations_with_equal_titles_get_their_own_sections() {
+        let mut a = rec("K4V2", "fixed", 4.0, 2.0, 22.0, 0.1, 3.5);
+        a.settings = "text sha256 1".into();
+        let mut b = a.clone();
+        b.settings = "text sha256 2".into();
+        b.ppl = 30.0;
+        let t = markdown_table(&[a, b]);
+        assert_eq!(t.matches("### ").count(), 2, "{t}");
+        assert!(t.contains(&format!("settings {}", crate::sweep::short_sha(b"text sha256 1"))), "{t}");
+        // One evaluation keeps its plain title.
+        let t = markdown_table(&[rec("K4V2", "fixed", 4.0, 2.0, 22.0, 0.1, 3.5)]);
+        assert!(!t.contains("settings "), "{t}");
     }
 }

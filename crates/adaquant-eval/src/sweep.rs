@@ -1,8 +1,11 @@
 //! The sweep runner: a grid of cache configurations evaluated against one shared full-precision reference.
 //!
 //! A sweep is a list of [`PointSpec`]s (fixed K/V splits, budget-solver allocations, full precision) and one set of
-//! evaluation settings. Each point's key joins its configuration with the settings and the model, so a rerun in
-//! the same folder skips what is recorded and a rerun with other settings does not mistake old points for new.
+//! evaluation settings. Each point's key joins its configuration (a sensitivity file by its content) with a hash of
+//! everything else that changes a number: the results version, the model's and the text's sha256, the text windows,
+//! the reference's top-k and the tasks (item counts, datasets' sha256, passkey lengths, depths, trials and seed).
+//! A rerun in the same folder skips what is recorded; a rerun with another model, text or setting runs every point
+//! again and never reports old numbers as new.
 //! Points are ordered deterministically and shard `i` of `N` runs the points whose index is `i` modulo `N`; every
 //! shard computes the (cheap, one point's worth) reference itself and writes its own results file.
 
@@ -23,7 +26,7 @@ use crate::error::{EvalError, Result};
 use crate::lm::{LanguageModel, WeightNorm};
 use crate::metrics::{build_reference, evaluate_text, Reference, TextEvalSpec};
 use crate::progress::Progress;
-use crate::results::{PointResult, ResultsFile};
+use crate::results::{PointResult, ResultsFile, RESULTS_VERSION};
 use crate::tasks::{self, PasskeySpec, TaskResult};
 
 /// Width of one side: a packed width, or `None` for unquantized (written 16).
@@ -194,6 +197,14 @@ impl fmt::Display for PointSpec {
     }
 }
 
+/// A task whose dataset is read from a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    Hellaswag,
+    ArcEasy,
+    Lambada,
+}
+
 /// Which tasks run at every point, with their item limits.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TaskSelection {
@@ -204,23 +215,31 @@ pub struct TaskSelection {
 }
 
 impl TaskSelection {
-    /// A short fingerprint for keys.
-    pub fn key(&self) -> String {
+    /// Every task setting that changes a number: item counts, the datasets' sha256 (through `sha`, called with
+    /// the dataset path of each selected task), passkey lengths, depth values, trials and seed.
+    pub fn describe(&self, sha: &mut dyn FnMut(Task) -> Result<String>) -> Result<String> {
         let mut parts = Vec::new();
+        let items = |n: usize| if n == 0 { "all".to_string() } else { n.to_string() };
         if let Some(n) = self.hellaswag {
-            parts.push(format!("hs{n}"));
+            parts.push(format!("hellaswag {} of {}", items(n), sha(Task::Hellaswag)?));
         }
         if let Some(n) = self.arc_easy {
-            parts.push(format!("arc{n}"));
+            parts.push(format!("arc_easy {} of {}", items(n), sha(Task::ArcEasy)?));
         }
         if let Some(n) = self.lambada {
-            parts.push(format!("lam{n}"));
+            parts.push(format!("lambada {} of {}", items(n), sha(Task::Lambada)?));
         }
         if let Some(p) = &self.passkey {
-            let lens: Vec<String> = p.lengths.iter().map(|l| l.to_string()).collect();
-            parts.push(format!("pk{}x{}x{}s{}", lens.join("+"), p.depths.len(), p.trials, p.seed));
+            let join = |xs: Vec<String>| xs.join("+");
+            parts.push(format!(
+                "passkey lengths {} depths {} trials {} seed {}",
+                join(p.lengths.iter().map(|l| l.to_string()).collect()),
+                join(p.depths.iter().map(|d| format!("{d:?}")).collect()),
+                p.trials,
+                p.seed
+            ));
         }
-        parts.join(",")
+        Ok(if parts.is_empty() { "none".into() } else { parts.join("; ") })
     }
 
     /// Whether no task is selected.
@@ -301,21 +320,40 @@ pub struct SweepPlan {
 }
 
 impl SweepPlan {
-    /// The evaluation-settings part of every key.
-    pub fn settings_key(&self) -> String {
-        format!(
-            "{}|ctx{}|w{}|top{}|{}",
-            self.model_name,
-            self.text.ctx,
-            self.text.windows,
-            self.text.topk,
-            self.tasks.key()
-        )
-    }
-
-    /// The full key of a point.
-    pub fn key(&self, p: &PointSpec) -> String {
-        format!("{}|{}", p.config_key(), self.settings_key())
+    /// The identity of this sweep's results: the settings behind every number and each point's key. Reads (and
+    /// hashes) the task datasets and sensitivity files the plan names.
+    pub fn identity(&self) -> Result<SweepIdentity> {
+        let tasks = self.tasks.describe(&mut |t| {
+            sha256_file(match t {
+                Task::Hellaswag => &self.hellaswag_path,
+                Task::ArcEasy => &self.arc_path,
+                Task::Lambada => &self.lambada_path,
+            })
+        })?;
+        let settings = format!(
+            "results v{RESULTS_VERSION}; model sha256 {}; text sha256 {}; {} windows of {} tokens; reference top-{}; \
+             tasks: {tasks}",
+            self.model_sha256, self.data_sha256, self.text.windows, self.text.ctx, self.text.topk
+        );
+        let settings_id = short_sha(settings.as_bytes());
+        let mut keys = Vec::with_capacity(self.points.len());
+        let mut file_sha: BTreeMap<PathBuf, String> = BTreeMap::new();
+        for p in &self.points {
+            let mut config = p.config_key();
+            if let PolicySpec::Budget { sensitivity: SensSource::File(path), .. } = &p.policy {
+                let sha = match file_sha.get(path) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = sha256_file(path)?;
+                        file_sha.insert(path.clone(), s.clone());
+                        s
+                    }
+                };
+                config.push_str(&format!("|sens sha256 {}", &sha[..16]));
+            }
+            keys.push(format!("{config}|{settings_id}"));
+        }
+        Ok(SweepIdentity { settings, settings_id, keys })
     }
 
     /// The results file this run appends to.
@@ -324,9 +362,52 @@ impl SweepPlan {
     }
 }
 
-/// Hex sha256 of a file.
+/// What identifies a sweep's results: see [`SweepPlan::identity`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SweepIdentity {
+    /// Every evaluation setting behind the numbers, in words (recorded in each line as `settings`).
+    pub settings: String,
+    /// The first 16 hex digits of the settings' sha256, the last part of every key.
+    pub settings_id: String,
+    /// The key of each point of the plan, in the plan's order.
+    pub keys: Vec<String>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The first 16 hex digits of the sha256 of `bytes`.
+pub fn short_sha(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))[..16].to_string()
+}
+
+/// Hex sha256 of a file; of a folder (a Hugging Face model), the sha256 over its files' relative paths and
+/// contents' sha256, in name order.
 pub fn sha256_file(path: &Path) -> Result<String> {
     use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| EvalError::io(path, e))?;
+    if meta.is_dir() {
+        let mut files = Vec::new();
+        let mut stack = vec![path.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).map_err(|e| EvalError::io(&dir, e))? {
+                let p = e.map_err(|e| EvalError::io(&dir, e))?.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    files.push(p);
+                }
+            }
+        }
+        files.sort();
+        let mut h = Sha256::new();
+        for f in files {
+            let rel = f.strip_prefix(path).unwrap_or(&f).to_string_lossy().into_owned();
+            h.update(format!("{rel}\0{}\n", sha256_file(&f)?).as_bytes());
+        }
+        return Ok(hex(&h.finalize()));
+    }
     let mut f = std::fs::File::open(path).map_err(|e| EvalError::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -337,7 +418,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&h.finalize()))
 }
 
 /// `git rev-parse HEAD` of the working directory's repository, or `unknown`.
@@ -532,18 +613,28 @@ pub fn max_seq_for(plan: &SweepPlan) -> usize {
     plan.text.ctx.max(pk + 64).max(if plan.tasks.is_empty() { 0 } else { 2048 })
 }
 
-/// Runs every pending point of `plan` that belongs to its shard and returns the results file.
+/// Runs every pending point of `plan` that belongs to its shard and returns the results file, which holds the
+/// file's lock until it is dropped.
 ///
 /// `tokens` is the tokenized text (WikiText-2 by default). Progress goes to stderr, a summary per point to stdout.
 pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Result<ResultsFile> {
     let windows = plan.text.windows(tokens)?;
+    let identity = plan.identity()?;
     let mut file = ResultsFile::open(&plan.results_path())?;
+    let others = file.records().iter().filter(|r| r.settings != identity.settings).count();
+    if others > 0 {
+        eprintln!(
+            "note: {} holds {others} point(s) measured with other settings (another model, text, window or task \
+             setting); they are kept, are not reused, and get their own table section",
+            file.path().display()
+        );
+    }
     let mut points: Vec<(usize, &PointSpec)> = plan.points.iter().enumerate().collect();
     if let Some(s) = plan.shard {
         points.retain(|(i, _)| s.owns(*i));
     }
     let total_here = points.len();
-    points.retain(|(_, p)| !file.contains(&plan.key(p)));
+    points.retain(|(i, _)| !file.contains(&identity.keys[*i]));
     let skipped = total_here - points.len();
     println!(
         "sweep: {} points{}, {} already in {}, {} to run; {} windows of {} tokens ({} scored tokens per point)",
@@ -587,7 +678,7 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
     );
 
     let mut sens_cache = BTreeMap::new();
-    for (n_done, (_, point)) in points.iter().enumerate() {
+    for (n_done, (index, point)) in points.iter().enumerate() {
         let start = Instant::now();
         let label = format!("{}/{} {}", n_done + 1, points.len(), point.name());
         let layers = resolve_layers(lm, point, &windows, &reference, max_seq, &mut sens_cache)?;
@@ -632,7 +723,9 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
         };
         let full = point.policy == PolicySpec::Full;
         let mut r = PointResult {
-            key: plan.key(point),
+            results_version: RESULTS_VERSION,
+            key: identity.keys[*index].clone(),
+            settings: identity.settings.clone(),
             name: point.name(),
             policy: match point.policy {
                 PolicySpec::Full => "full",
@@ -777,5 +870,134 @@ mod tests {
         assert_eq!(f.layers_fixed(1).unwrap()[0].k, Precision::Full);
         assert!("bogus".parse::<SensSource>().is_err());
         assert_eq!("x/y/act_fro.json".parse::<SensSource>().unwrap().name(), "file:y/act_fro");
+    }
+
+    fn plan_for_keys(dir: &Path) -> SweepPlan {
+        let point = |policy| PointSpec {
+            policy,
+            group: 64,
+            k_axis: GroupAxis::PerToken,
+            v_axis: GroupAxis::PerToken,
+            residual: 128,
+            sinks: 0,
+        };
+        let hs = dir.join("hellaswag.jsonl");
+        let sens = dir.join("act_fro.json");
+        std::fs::write(&hs, "one\n").unwrap();
+        std::fs::write(&sens, r#"{"k":[1,2],"v":[3,4]}"#).unwrap();
+        SweepPlan {
+            points: vec![
+                point(PolicySpec::Full),
+                point(PolicySpec::Fixed { k: Some(Bits::B4), v: Some(Bits::B2) }),
+                point(PolicySpec::Budget { avg_bits: 4.0, sensitivity: SensSource::File(sens) }),
+            ],
+            text: TextEvalSpec { ctx: 512, windows: 8, topk: 256 },
+            tasks: TaskSelection {
+                hellaswag: Some(200),
+                passkey: Some(PasskeySpec { lengths: vec![1024], ..PasskeySpec::default() }),
+                ..TaskSelection::default()
+            },
+            out: dir.join("out"),
+            shard: None,
+            model_name: "m.gguf".into(),
+            model_sha256: "aa".repeat(32),
+            data_sha256: "bb".repeat(32),
+            git_rev: "rev".into(),
+            hellaswag_path: hs,
+            arc_path: dir.join("absent-arc"),
+            lambada_path: dir.join("absent-lambada"),
+        }
+    }
+
+    type Change = dyn Fn(&mut SweepPlan);
+
+    /// Every change of what a number depends on changes every key; what does not (file names, shards, the git
+    /// revision) changes none.
+    #[test]
+    fn keys_cover_contents_and_every_setting() {
+        let dir = std::env::temp_dir().join(format!("adaquant-eval-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = plan_for_keys(&dir);
+        let id = base.identity().unwrap();
+        assert_eq!(id.keys.len(), 3);
+        assert!(id.keys.iter().all(|k| k.ends_with(&id.settings_id)));
+        assert!(id.settings.contains(&base.model_sha256) && id.settings.contains(&base.data_sha256));
+        assert!(id.settings.contains("depths 0.1+0.5+0.9"), "{}", id.settings);
+        assert_eq!(base.identity().unwrap(), id, "keys are deterministic");
+
+        let same: [&Change; 4] = [
+            &|p| p.model_name = "renamed.gguf".into(),
+            &|p| p.shard = Some(Shard { index: 1, count: 2 }),
+            &|p| p.git_rev = "another".into(),
+            &|p| p.out = p.out.join("elsewhere"),
+        ];
+        for (i, change) in same.iter().enumerate() {
+            let mut p = plan_for_keys(&dir);
+            change(&mut p);
+            assert_eq!(p.identity().unwrap().keys, id.keys, "change {i} must keep the keys");
+        }
+
+        let differ: [(&str, &Change); 10] = [
+            ("model content", &|p| p.model_sha256 = "cc".repeat(32)),
+            ("text content", &|p| p.data_sha256 = "dd".repeat(32)),
+            ("window length", &|p| p.text.ctx = 1024),
+            ("window count", &|p| p.text.windows = 9),
+            ("reference top-k", &|p| p.text.topk = 0),
+            ("hellaswag items", &|p| p.tasks.hellaswag = Some(0)),
+            ("passkey depth values", &|p| p.tasks.passkey.as_mut().unwrap().depths = vec![0.2, 0.5, 0.8]),
+            ("passkey seed", &|p| p.tasks.passkey.as_mut().unwrap().seed = 8),
+            ("another task", &|p| p.tasks.lambada = Some(10)),
+            ("hellaswag data", &|p| std::fs::write(&p.hellaswag_path, "two\n").unwrap()),
+        ];
+        for (what, change) in differ {
+            let mut p = plan_for_keys(&dir);
+            change(&mut p);
+            if what == "another task" {
+                std::fs::write(&p.lambada_path, "x").unwrap();
+            }
+            let other = p.identity().unwrap();
+            for (a, b) in id.keys.iter().zip(&other.keys) {
+                assert_ne!(a, b, "{what} must change the key");
+            }
+        }
+
+        // A sensitivity file changes the key of its budget point only.
+        let p = plan_for_keys(&dir);
+        let PolicySpec::Budget { sensitivity: SensSource::File(sens), .. } = &p.points[2].policy else {
+            unreachable!()
+        };
+        std::fs::write(sens, r#"{"k":[2,1],"v":[3,4]}"#).unwrap();
+        let other = p.identity().unwrap();
+        assert_eq!(other.keys[..2], id.keys[..2]);
+        assert_ne!(other.keys[2], id.keys[2]);
+        // A missing dataset of a selected task is an error, not a key without it.
+        let mut p = plan_for_keys(&dir);
+        p.tasks.arc_easy = Some(5);
+        assert!(p.identity().is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn folders_hash_by_names_and_contents() {
+        let dir = std::env::temp_dir().join(format!("adaquant-eval-sha-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        std::fs::write(dir.join("sub/model.safetensors"), "weights").unwrap();
+        let a = sha256_file(&dir).unwrap();
+        assert_eq!(a.len(), 64);
+        std::fs::write(dir.join("sub/model.safetensors"), "weight5").unwrap();
+        let b = sha256_file(&dir).unwrap();
+        assert_ne!(a, b);
+        std::fs::rename(dir.join("config.json"), dir.join("config2.json")).unwrap();
+        assert_ne!(sha256_file(&dir).unwrap(), b);
+        // The sha256 of "abc".
+        std::fs::write(dir.join("abc"), "abc").unwrap();
+        assert_eq!(
+            sha256_file(&dir.join("abc")).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,5 +1,6 @@
 //! The sweep runner on the toy model: one line per point, reruns skip finished points, a kill mid-line loses
-//! nothing written and never duplicates a point, and shards merged give the unsharded results.
+//! nothing written and never duplicates a point, shards merged give the unsharded results, a rerun with another
+//! text or model never reuses old numbers, old results files are refused, and one results file has one writer.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,8 +9,9 @@ use adaquant_eval::data::SplitMix;
 use adaquant_eval::lm::ToyLm;
 use adaquant_eval::metrics::TextEvalSpec;
 use adaquant_eval::report::write_report;
-use adaquant_eval::results::{merge_dirs, read_records};
+use adaquant_eval::results::{merge_dirs, read_records, ResultsFile, RESULTS_VERSION};
 use adaquant_eval::sweep::{run_sweep, PointSpec, PolicySpec, SensSource, Shard, SweepPlan, TaskSelection};
+use adaquant_eval::EvalError;
 use adaquant_kernels::{Bits, GroupAxis};
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -59,8 +61,8 @@ fn resume_skips_finished_points_and_survives_a_torn_line() {
     let lm = ToyLm::small(4);
     let dir = tmpdir("resume");
     let p = plan(dir.clone(), None);
-    let file = run_sweep(&lm, &tokens(), &p).unwrap();
-    let path = file.path().to_path_buf();
+    // The returned file holds the results file's lock until it is dropped, here at once.
+    let path = run_sweep(&lm, &tokens(), &p).unwrap().path().to_path_buf();
     let (first, _) = read_records(&path).unwrap();
     assert_eq!(first.len(), 5);
     let full = first.iter().find(|r| r.policy == "full").unwrap();
@@ -124,4 +126,89 @@ fn shards_merge_to_the_unsharded_sweep() {
         assert_eq!(m.key, s.key);
         assert_eq!((m.ppl, m.kl_mean, m.kl_p99, m.top1, m.kv_bytes), (s.ppl, s.kl_mean, s.kl_p99, s.top1, s.kv_bytes));
     }
+}
+
+#[test]
+fn another_text_or_model_runs_every_point_again() {
+    let lm = ToyLm::small(4);
+    let dir = tmpdir("identity");
+    let base = plan(dir.clone(), None);
+    let path = run_sweep(&lm, &tokens(), &base).unwrap().path().to_path_buf();
+    let (first, _) = read_records(&path).unwrap();
+    assert_eq!(first.len(), 5);
+    assert!(first.iter().all(|r| r.results_version == RESULTS_VERSION && r.settings.contains("text sha256 0")));
+
+    // Another text under the same --out: every point runs again, on the new tokens.
+    let mut other_text = plan(dir.clone(), None);
+    other_text.data_sha256 = "1".into();
+    let mut r = adaquant_eval::data::SplitMix(11);
+    let tokens2: Vec<u32> = (0..200).map(|_| r.range(0, 64) as u32).collect();
+    run_sweep(&lm, &tokens2, &other_text).unwrap();
+    let (all, _) = read_records(&path).unwrap();
+    assert_eq!(all.len(), 10, "no point of the first text is reused");
+    let k4v2: Vec<_> = all.iter().filter(|r| r.name == "K4V2").collect();
+    assert_eq!(k4v2.len(), 2);
+    assert_ne!(k4v2[0].key, k4v2[1].key);
+    assert_ne!(k4v2[0].ppl, k4v2[1].ppl, "the second text's numbers are its own");
+
+    // A re-quantized model under the same file name.
+    let mut other_model = plan(dir.clone(), None);
+    other_model.model_sha256 = "1".into();
+    run_sweep(&lm, &tokens(), &other_model).unwrap();
+    assert_eq!(read_records(&path).unwrap().0.len(), 15);
+    // Each rerun of one identity skips its points.
+    run_sweep(&lm, &tokens2, &other_text).unwrap();
+    assert_eq!(read_records(&path).unwrap().0.len(), 15);
+
+    // The table keeps the three evaluations apart.
+    let files = write_report(&read_records(&path).unwrap().0, &dir).unwrap();
+    let table = std::fs::read_to_string(files.table).unwrap();
+    assert_eq!(table.matches("### ").count(), 3, "{table}");
+    assert_eq!(table.matches("| K4V2 |").count(), 3, "{table}");
+}
+
+#[test]
+fn results_files_of_older_versions_are_refused() {
+    let lm = ToyLm::small(4);
+    let dir = tmpdir("old-version");
+    let p = plan(dir.clone(), None);
+    run_sweep(&lm, &tokens(), &p).unwrap();
+    let path = dir.join("results.jsonl");
+    // The same lines as the old code wrote them: no version, keys without the contents.
+    let old: String = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let m = v.as_object_mut().unwrap();
+            m.remove("results_version");
+            m.remove("settings");
+            format!("{v}\n")
+        })
+        .collect();
+    std::fs::write(&path, &old).unwrap();
+    let err = run_sweep(&lm, &tokens(), &p).unwrap_err();
+    assert!(matches!(err, EvalError::OldResults { found: 0, lines: 5, .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("another --out") && msg.contains("mv "), "{msg}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), old, "nothing appended to the old file");
+    assert!(merge_dirs(std::slice::from_ref(&dir)).is_err());
+}
+
+#[test]
+fn one_writer_per_results_file() {
+    let lm = ToyLm::small(4);
+    let dir = tmpdir("lock");
+    let p = plan(dir.clone(), None);
+    let held = ResultsFile::open(&p.results_path()).unwrap();
+    let err = run_sweep(&lm, &tokens(), &p).unwrap_err();
+    assert!(matches!(&err, EvalError::ResultsLocked { .. }), "{err}");
+    assert!(err.to_string().contains(&format!("pid {}", std::process::id())), "{err}");
+    // Shards write their own files and run beside it.
+    run_sweep(&lm, &tokens(), &plan(dir.clone(), Some(Shard { index: 1, count: 2 }))).unwrap();
+    drop(held);
+    run_sweep(&lm, &tokens(), &p).unwrap();
+    assert_eq!(read_records(&p.results_path()).unwrap().0.len(), 5);
+    // Shard 1 measured the same points as the whole run: the merge agrees with itself.
+    assert_eq!(merge_dirs(&[dir]).unwrap().len(), 5);
 }

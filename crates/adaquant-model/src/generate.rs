@@ -100,27 +100,23 @@ pub fn generate_text(
     Ok(Generation { prompt_tokens, tokens, text, stopped })
 }
 
-/// Builds the cache a `--cache` specification names: a shorthand (`f32`, `f16`, `k4v2`, `k8v4-g32-r64`, ...,
-/// see [`adaquant_cache::CacheSpec`]), a JSON spec written inline (starting with `{`), or a JSON file.
+/// Builds the cache a `--cache` specification names, in any form [`CacheSpec::parse_arg`] accepts: a short name
+/// (`f32`, `f16`, `k4v2`, `k8v4-g32-r64`, ...), inline JSON (starting with `{`), or a JSON file.
 pub fn build_cache(spec: &str, shape: CacheShape) -> anyhow::Result<Box<dyn KvCache>> {
-    let spec = spec.trim();
-    let parsed = if spec.starts_with('{') {
-        CacheSpec::from_json(spec)?
-    } else if spec.ends_with(".json") || std::path::Path::new(spec).is_file() {
-        CacheSpec::load(std::path::Path::new(spec))?
-    } else {
-        spec.parse::<CacheSpec>()?
-    };
+    let parsed = CacheSpec::parse_arg(spec).with_context(|| format!("--cache '{spec}'"))?;
     Ok(parsed.build(shape)?)
 }
 
-/// `adaquant generate` with any cache [`build_cache`] understands.
+/// `adaquant generate` with any cache [`CacheSpec::parse_arg`] understands; a bad `--cache` is reported before
+/// the model is loaded.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    run_with(args, &build_cache)
+    let text = args.cache.as_deref().unwrap_or("f32");
+    let spec = CacheSpec::parse_arg(text).with_context(|| format!("--cache '{text}'"))?;
+    run_with(args, &move |_, shape| Ok(spec.build(shape)?))
 }
 
 /// `adaquant generate`, with `make_cache` turning the `--cache` specification (default `f32`) and the model's
-/// cache shape into a cache; the eval program passes a builder that also knows the quantized caches.
+/// cache shape into a cache.
 pub fn run_with(args: &GenerateArgs, make_cache: &CacheBuilder) -> anyhow::Result<()> {
     let path = args.model.clone().unwrap_or_else(crate::paths::default_model);
     let t0 = std::time::Instant::now();
