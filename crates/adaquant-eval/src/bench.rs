@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use adaquant_cache::{CacheShape, KvCache, LayerMemory, MemoryReport};
+use adaquant_cache::{CacheShape, CacheSpec, KvCache, LayerMemory, MemoryReport};
 use adaquant_model::{ForwardOptions, LogitsRange, Model};
 use anyhow::{bail, Context};
 use serde::Serialize;
@@ -158,11 +158,11 @@ fn git_rev() -> String {
         .unwrap_or_default()
 }
 
-/// Builds the cache a configuration string names, for a shape.
-pub type BuildCache<'a> = dyn Fn(&str, CacheShape) -> anyhow::Result<Box<dyn KvCache>> + 'a;
-
-/// Runs the benchmark and prints its table; the building of each cache is left to `build`.
-pub fn run(a: &BenchArgs, build: &BuildCache<'_>) -> anyhow::Result<()> {
+/// Runs the benchmark and prints its table.
+pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
+    let build = |spec: &str, shape: CacheShape| -> anyhow::Result<Box<dyn KvCache>> {
+        Ok(CacheSpec::parse_arg(spec)?.build(shape)?)
+    };
     if a.reps == 0 {
         bail!("--reps must be at least 1");
     }

@@ -50,9 +50,6 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(a) => adaquant_model::generate::run(&a),
         Command::Ppl(a) => cli::ppl(&a),
         Command::EvalTasks(a) => cli::eval_tasks(&a),
-        Command::Bench(a) => adaquant_eval::bench::run(&a, &|spec, shape| {
-            let spec = cli::parse_cache(spec)?;
-            spec.build(shape).context("building the cache")
-        }),
+        Command::Bench(a) => adaquant_eval::bench::run(&a),
     }
 }
