@@ -1,11 +1,14 @@
 //! Criterion benchmarks of the forward pass: the batch-invariant product against faer's GEMM (the baseline, same
-//! process) and the plain-loop twin, and prefill and decode
-//! of the default model through the f32 cache (skipped with a message when the model is absent).
+//! process) and the plain-loop twin, the packed-weight products (`qgemm`, Q4_1 and Q8_0 blocks with 8-bit block
+//! activations, quantization of the activations included) on the same shapes, and prefill and decode of the
+//! default model through the f32 cache with f32 and packed weights (skipped with a message when the model is absent).
 
 use adaquant_cache::{FullPrecisionCache, KvCache};
 use adaquant_model::linalg::{matmul_t, matmul_t_faer, matmul_t_ref};
 use adaquant_model::paths::{default_model, require};
-use adaquant_model::{ForwardOptions, LogitsRange, Model};
+use adaquant_model::qgemm::{self, PackedMatrix};
+use adaquant_model::quant::GgmlType;
+use adaquant_model::{ForwardOptions, LogitsRange, Model, WeightsMode};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn matmul(c: &mut Criterion) {
@@ -22,6 +25,12 @@ fn matmul(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("batch_invariant", format!("{n}x{k}x{m}")), &(), |b, _| {
             b.iter(|| matmul_t(&x, n, k, &w, m, &mut out))
         });
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+            let pm = packed(ty, m, k);
+            g.bench_with_input(BenchmarkId::new(format!("packed_{ty:?}"), format!("{n}x{k}x{m}")), &(), |b, _| {
+                b.iter(|| qgemm::linear(&x, n, &pm, &mut out).unwrap())
+            });
+        }
         if n <= 64 {
             g.bench_with_input(BenchmarkId::new("reference", format!("{n}x{k}x{m}")), &(), |b, _| {
                 b.iter(|| matmul_t_ref(&x, n, k, &w, m, &mut out))
@@ -31,12 +40,32 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// Well-formed blocks of `ty`: deterministic codes, f16 scales (and minimums) in a sane range.
+fn packed(ty: GgmlType, rows: usize, cols: usize) -> PackedMatrix {
+    let bytes = ty.bytes_for(cols).unwrap() * rows;
+    let mut data: Vec<u8> = (0..bytes).map(|i| ((i * 2654435761usize) >> 13) as u8).collect();
+    for (i, blk) in data.chunks_exact_mut(ty.block_bytes()).enumerate() {
+        let d = half::f16::from_f32(0.01 + (i % 7) as f32 * 0.001).to_le_bytes();
+        blk[..2].copy_from_slice(&d);
+        if ty == GgmlType::Q4_1 {
+            blk[2..4].copy_from_slice(&half::f16::from_f32(-0.1).to_le_bytes());
+        }
+    }
+    PackedMatrix::new(ty, rows, cols, data).unwrap()
+}
+
 fn model(c: &mut Criterion) {
     let Some(path) = require(default_model(), "forward benchmarks") else { return };
-    let model = Model::load(&path).expect("the default model loads");
+    for mode in [WeightsMode::F32, WeightsMode::Packed] {
+        model_with(c, &path, mode);
+    }
+}
+
+fn model_with(c: &mut Criterion, path: &std::path::Path, mode: WeightsMode) {
+    let model = Model::load_with(path, mode).expect("the default model loads");
     let tokens: Vec<u32> = (0..512u32).map(|i| 100 + (i * 37) % 20000).collect();
     let mut cache = FullPrecisionCache::new(model.cache_shape(1024)).unwrap();
-    let mut g = c.benchmark_group("smollm2_f32_cache");
+    let mut g = c.benchmark_group(format!("smollm2_f32_cache_{}_weights", mode.name()));
     g.sample_size(10);
     g.throughput(Throughput::Elements(512));
     g.bench_function("prefill_512_last_logits", |b| {
