@@ -271,9 +271,19 @@ fn run(x: &QuantizedRows, w: &PackedMatrix, out: &mut [f32], kernel: Kernel) -> 
             #[cfg(target_arch = "x86_64")]
             if kernel == Kernel::Avx2 && x.kind == ActKind::Q8Block {
                 // Four activation rows share each unpacked weight block; every element keeps its own order.
+                let f = avx2::fmt_id(w.ty);
                 while i + 4 <= rows.end {
-                    // SAFETY: AVX2 and FMA were detected; rows i..i + 4 exist and hold whole blocks.
-                    let v = unsafe { avx2::dot_32_rows::<4>(w.ty, w.row(j), x, i) };
+                    // SAFETY: AVX2 and FMA were detected; rows i..i + 4 exist and hold whole
+                    // blocks.
+                    let v = unsafe {
+                        match f {
+                            avx2::F_Q4_0 => avx2::dot_32_rows::<{ avx2::F_Q4_0 }, 4>(w.row(j), x, i),
+                            avx2::F_Q4_1 => avx2::dot_32_rows::<{ avx2::F_Q4_1 }, 4>(w.row(j), x, i),
+                            avx2::F_Q5_0 => avx2::dot_32_rows::<{ avx2::F_Q5_0 }, 4>(w.row(j), x, i),
+                            avx2::F_Q5_1 => avx2::dot_32_rows::<{ avx2::F_Q5_1 }, 4>(w.row(j), x, i),
+                            _ => avx2::dot_32_rows::<{ avx2::F_Q8_0 }, 4>(w.row(j), x, i),
+                        }
+                    };
                     for (r, v) in v.into_iter().enumerate() {
                         // SAFETY: tasks cover disjoint rectangles of `out`, whose length was checked above.
                         unsafe { dst.write((i + r) * m + j, v) };
@@ -553,65 +563,109 @@ mod avx2 {
         }
     }
 
+    /// Format ids of [`dot_32_rows`]' const parameter.
+    pub(super) const F_Q4_0: u8 = 0;
+    pub(super) const F_Q4_1: u8 = 1;
+    pub(super) const F_Q5_0: u8 = 2;
+    pub(super) const F_Q5_1: u8 = 3;
+    pub(super) const F_Q8_0: u8 = 4;
+
+    /// The const format id of a 32-element format.
+    pub(super) fn fmt_id(ty: GgmlType) -> u8 {
+        match ty {
+            GgmlType::Q4_0 => F_Q4_0,
+            GgmlType::Q4_1 => F_Q4_1,
+            GgmlType::Q5_0 => F_Q5_0,
+            GgmlType::Q5_1 => F_Q5_1,
+            _ => F_Q8_0,
+        }
+    }
+
     /// `R` elements of one weight row against activation rows `i0..i0 + R`, each by the contract: the weight
-    /// block is unpacked once for all `R` rows.
+    /// block is unpacked once for all `R` rows. `F` is the format id ([`fmt_id`]), so every branch on the format
+    /// is resolved at compile time.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; rows `i0..i0 + R` of `x` exist and `w` is one row of `ty` with `x.k`
+    /// AVX2 and FMA must be available; rows `i0..i0 + R` of `x` exist and `w` is one row of format `F` with `x.k`
     /// elements.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_32_rows<const R: usize>(
-        ty: GgmlType,
+    pub(super) unsafe fn dot_32_rows<const F: u8, const R: usize>(
         w: &[u8],
         x: &super::QuantizedRows,
         i0: usize,
     ) -> [f32; R] {
-        let bb = ty.block_bytes();
-        let nb = w.len() / bb;
-        let k = x.k;
-        debug_assert!(x.n >= i0 + R && nb * QK == k);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut summ = [0.0f32; R];
-        let min = has_min(ty);
-        for b in 0..nb {
-            // SAFETY: block `b` of `w`, and block `b` of rows `i0..i0 + R` of `x`, exist (checked by the caller).
-            unsafe {
-                let blk = w.as_ptr().add(b * bb);
-                let dw = f16_at(w, b * bb);
-                let mw = if min { f16_at(w, b * bb + 2) } else { 0.0 };
-                let (c, off, sign) = if ty == GgmlType::Q8_0 {
-                    let c = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                    (_mm256_sign_epi8(c, c), 0, Some(c))
-                } else {
-                    let (c, off) = codes(ty, blk);
-                    (c, off, None)
-                };
-                for r in 0..R {
-                    let row = i0 + r;
-                    let q = _mm256_loadu_si256(x.qs.as_ptr().add(row * k + b * QK) as *const __m256i);
-                    let p16 = match sign {
-                        Some(cs) => _mm256_maddubs_epi16(c, _mm256_sign_epi8(q, cs)),
-                        None if off != 0 => {
-                            _mm256_sub_epi16(_mm256_maddubs_epi16(c, q), _mm256_maddubs_epi16(_mm256_set1_epi8(off), q))
+        // SAFETY: as documented.
+        unsafe { rows_body::<F, R>(w, x, i0) }
+    }
+
+    /// The body of [`dot_32_rows`].
+    #[inline(always)]
+    unsafe fn rows_body<const F: u8, const R: usize>(w: &[u8], x: &super::QuantizedRows, i0: usize) -> [f32; R] {
+        // SAFETY: the callers enable the target features the intrinsics need and uphold their documented bounds.
+        #[allow(unused_unsafe)]
+        unsafe {
+            let ty = match F {
+                F_Q4_0 => GgmlType::Q4_0,
+                F_Q4_1 => GgmlType::Q4_1,
+                F_Q5_0 => GgmlType::Q5_0,
+                F_Q5_1 => GgmlType::Q5_1,
+                _ => GgmlType::Q8_0,
+            };
+            let bb = ty.block_bytes();
+            let nb = w.len() / bb;
+            let k = x.k;
+            debug_assert!(x.n >= i0 + R && nb * QK == k && x.d.len() >= (i0 + R) * nb);
+            let min = F == F_Q4_1 || F == F_Q5_1;
+            let off: i8 = match F {
+                F_Q4_0 => 8,
+                F_Q5_0 => 16,
+                _ => 0,
+            };
+            let ones = _mm256_set1_epi16(1);
+            let offv = _mm256_set1_epi8(off);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut summ = [0.0f32; R];
+            let qs = x.qs.as_ptr();
+            let xd = x.d.as_ptr();
+            let xs = x.s.as_ptr();
+            for b in 0..nb {
+                // SAFETY: block `b` of `w`, and block `b` of rows `i0..i0 + R` of `x`, exist (checked by the caller).
+                unsafe {
+                    let blk = w.as_ptr().add(b * bb);
+                    let dwv = _mm256_set1_ps(f16_at(w, b * bb));
+                    let mw = if min { f16_at(w, b * bb + 2) } else { 0.0 };
+                    let raw =
+                        if F == F_Q8_0 { _mm256_loadu_si256(blk.add(2) as *const __m256i) } else { codes(ty, blk).0 };
+                    let c = if F == F_Q8_0 { _mm256_sign_epi8(raw, raw) } else { raw };
+                    for r in 0..R {
+                        let row = i0 + r;
+                        let q = _mm256_loadu_si256(qs.add(row * k + b * QK) as *const __m256i);
+                        let p32 = {
+                            let p16 = if F == F_Q8_0 {
+                                _mm256_maddubs_epi16(c, _mm256_sign_epi8(q, raw))
+                            } else if off != 0 {
+                                _mm256_sub_epi16(_mm256_maddubs_epi16(c, q), _mm256_maddubs_epi16(offv, q))
+                            } else {
+                                _mm256_maddubs_epi16(c, q)
+                            };
+                            _mm256_madd_epi16(p16, ones)
+                        };
+                        let xb = row * nb + b;
+                        // The same f32 product as the scalar `dw * dx`, formed in a vector register.
+                        let dd = _mm256_mul_ps(dwv, _mm256_broadcast_ss(&*xd.add(xb)));
+                        acc[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(p32), acc[r]);
+                        if min {
+                            summ[r] = mw.mul_add(*xs.add(xb), summ[r]);
                         }
-                        None => _mm256_maddubs_epi16(c, q),
-                    };
-                    let p32 = _mm256_madd_epi16(p16, ones);
-                    let xb = row * nb + b;
-                    let dd = _mm256_set1_ps(dw * *x.d.get_unchecked(xb));
-                    acc[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(p32), acc[r]);
-                    if min {
-                        summ[r] = mw.mul_add(*x.s.get_unchecked(xb), summ[r]);
                     }
                 }
             }
+            let mut out = [0.0f32; R];
+            for r in 0..R {
+                out[r] = reduce(acc[r]) + summ[r];
+            }
+            out
         }
-        let mut out = [0.0f32; R];
-        for r in 0..R {
-            out[r] = reduce(acc[r]) + summ[r];
-        }
-        out
     }
 
     #[target_feature(enable = "avx2,fma")]
