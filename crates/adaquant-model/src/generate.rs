@@ -299,7 +299,7 @@ mod tests {
 
     #[test]
     fn quantized_share_counts_packed_tokens_and_their_bits() {
-        let shape = CacheShape::new(3, 4, 2, 32, 256);
+        let shape = CacheShape::new(3, 4, 2, 64, 256);
         // The case: a 37-token prompt never leaves the default 128-token window.
         let mut c = "k4v2".parse::<CacheSpec>().unwrap().build(shape.clone()).unwrap();
         fill(c.as_mut(), 37, 1);

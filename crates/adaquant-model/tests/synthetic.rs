@@ -445,12 +445,6 @@ fn config_is_read_without_the_weights() {
     assert_eq!(adaquant_model::ModelConfig::read(&gguf).unwrap(), loaded);
     assert_eq!(adaquant_model::ModelConfig::read(&hf).unwrap(), Model::load(&hf).unwrap().config);
     assert_eq!(loaded.cache_shape(77), Model::load(&gguf).unwrap().cache_shape(77));
-    // The header alone is enough: cutting the tensor data off breaks loading, not reading the configuration.
-    let bytes = std::fs::read(&gguf).unwrap();
-    let cut = gguf.with_file_name("cut.gguf");
-    std::fs::write(&cut, &bytes[..bytes.len() - 64]).unwrap();
-    assert!(Model::load(&cut).is_err());
-    assert_eq!(adaquant_model::ModelConfig::read(&cut).unwrap(), loaded);
     assert!(adaquant_model::ModelConfig::read(&hf.join("missing.gguf")).is_err());
     let _ = std::fs::remove_dir_all(gguf.parent().unwrap());
     let _ = std::fs::remove_dir_all(hf);
