@@ -481,6 +481,39 @@ pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
     vec![lo, hi]
 }
 
+/// Offsets (from each point, in pixels) of point labels so they overlap neither each other nor the points:
+/// `points` are pixel positions, `sizes` the labels' (width, height). Each label takes the first of a few
+/// candidate places (up-right first) that is free; a label with no free place keeps the first candidate.
+pub fn place_labels(points: &[(i32, i32)], sizes: &[(i32, i32)]) -> Vec<(i32, i32)> {
+    let overlaps = |a: (i32, i32, i32, i32), b: (i32, i32, i32, i32)| a.0 < b.2 && b.0 < a.2 && a.1 < b.3 && b.1 < a.3;
+    // Boxes of the points themselves (radius 5 plus a margin).
+    let dots: Vec<(i32, i32, i32, i32)> = points.iter().map(|&(x, y)| (x - 6, y - 6, x + 6, y + 6)).collect();
+    let mut placed: Vec<(i32, i32, i32, i32)> = Vec::new();
+    let mut out = Vec::with_capacity(points.len());
+    for (i, (&(x, y), &(w, h))) in points.iter().zip(sizes).enumerate() {
+        let candidates = [
+            (6, -h - 4),
+            (6, 4),
+            (-6 - w, -h - 4),
+            (-6 - w, 4),
+            (6, -2 * h - 6),
+            (6, h + 6),
+            (-6 - w, -2 * h - 6),
+            (-6 - w, h + 6),
+            (-w / 2, -2 * h - 8),
+            (-w / 2, h + 8),
+        ];
+        let free = |&(dx, dy): &(i32, i32)| {
+            let b = (x + dx, y + dy, x + dx + w, y + dy + h);
+            !placed.iter().any(|&p| overlaps(b, p)) && !dots.iter().enumerate().any(|(j, &d)| j != i && overlaps(b, d))
+        };
+        let (dx, dy) = candidates.iter().copied().find(free).unwrap_or(candidates[0]);
+        placed.push((x + dx, y + dy, x + dx + w, y + dy + h));
+        out.push((dx, dy));
+    }
+    out
+}
+
 fn tick(v: &f64) -> String {
     tick_label(*v)
 }
@@ -663,7 +696,8 @@ impl Draw for LineChart {
                     .y_label_formatter(&tick)
                     .label_style((FONT, 14))
                     .axis_desc_style((FONT, 16))
-                    .light_line_style(RGBColor(235, 235, 235))
+                    .light_line_style(RGBColor(240, 240, 240))
+                    .max_light_lines(2)
                     .draw()
                     .map_err(backend_err)?;
                 for (i, s) in self.series.iter().enumerate() {
@@ -764,7 +798,8 @@ impl Draw for BarChart {
                     .disable_x_mesh()
                     .label_style((FONT, 14))
                     .axis_desc_style((FONT, 16))
-                    .light_line_style(RGBColor(235, 235, 235))
+                    .light_line_style(RGBColor(240, 240, 240))
+                    .max_light_lines(2)
                     .draw()
                     .map_err(backend_err)?;
                 for (gi, g) in self.groups.iter().enumerate() {
@@ -940,7 +975,7 @@ impl Draw for Heatmap {
             .build_cartesian_2d(0.0..1.0, vlo..vhi)
             .map_err(backend_err)?;
         let log = self.log_color;
-        let cb_fmt = move |v: &f64| format_value(if log { 10f64.powf(*v) } else { *v });
+        let cb_fmt = move |v: &f64| tick_label(if log { 10f64.powf(*v) } else { *v });
         cb.configure_mesh()
             .disable_x_axis()
             .disable_mesh()
@@ -1015,7 +1050,8 @@ impl Draw for Scatter {
                     .y_label_formatter(&tick)
                     .label_style((FONT, 14))
                     .axis_desc_style((FONT, 16))
-                    .light_line_style(RGBColor(235, 235, 235))
+                    .light_line_style(RGBColor(240, 240, 240))
+                    .max_light_lines(2)
                     .draw()
                     .map_err(backend_err)?;
                 if front.len() > 1 {
@@ -1034,12 +1070,18 @@ impl Draw for Scatter {
                         )
                         .map_err(backend_err)?;
                 }
-                // Labels sit up and to the right of their points, not on them.
+                // Labels beside their points, placed so they cover neither other labels nor points.
+                let labelled: Vec<&ScatterPoint> = self.points.iter().filter(|p| p.label.is_some()).collect();
+                let pixels: Vec<(i32, i32)> = labelled.iter().map(|p| $chart.backend_coord(&(p.x, p.y))).collect();
+                let sizes: Vec<(i32, i32)> = labelled
+                    .iter()
+                    .map(|p| (7 * p.label.as_ref().map_or(0, |l| l.chars().count()) as i32, 12))
+                    .collect();
+                let offsets = place_labels(&pixels, &sizes);
                 $chart
-                    .draw_series(self.points.iter().filter_map(|p| {
-                        p.label
-                            .as_ref()
-                            .map(|l| EmptyElement::at((p.x, p.y)) + Text::new(l.clone(), (6, -16), label_style.clone()))
+                    .draw_series(labelled.iter().zip(offsets).map(|(p, off)| {
+                        let l = p.label.clone().unwrap_or_default();
+                        EmptyElement::at((p.x, p.y)) + Text::new(l, off, label_style.clone())
                     }))
                     .map_err(backend_err)?;
             }};

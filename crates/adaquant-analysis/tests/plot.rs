@@ -340,3 +340,35 @@ fn heatmap_explains_its_outline_and_line_charts_label_integers() {
     let t = texts(&read_svg(&svg));
     assert!(t.iter().any(|x| x == "10") && !t.iter().any(|x| x.ends_with(".0")), "{t:?}");
 }
+
+#[test]
+fn point_labels_avoid_each_other_and_the_points() {
+    use adaquant_analysis::plot::place_labels;
+    type Box4 = (i32, i32, i32, i32);
+    let overlap = |a: Box4, b: Box4| a.0 < b.2 && b.0 < a.2 && a.1 < b.3 && b.1 < a.3;
+    // Points sharing a place (K3V3 and K4V2 at 10.625 bits) in a crowded row, with seeded jitter.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for n in [2usize, 3, 5, 8] {
+        let pts: Vec<(i32, i32)> = (0..n)
+            .map(|i| (200 + 40 * (i as i32 / 2) + rng.random_range(0..3), 300 + rng.random_range(0..3)))
+            .collect();
+        let sizes = vec![(35, 12); n];
+        let offs = place_labels(&pts, &sizes);
+        let b: Vec<Box4> = pts
+            .iter()
+            .zip(&sizes)
+            .zip(&offs)
+            .map(|((&(x, y), &(w, h)), &(dx, dy))| (x + dx, y + dy, x + dx + w, y + dy + h))
+            .collect();
+        for i in 0..n {
+            for j in 0..i {
+                assert!(!overlap(b[i], b[j]), "n {n}: labels {i} and {j} overlap: {b:?}");
+            }
+            for (k, &(x, y)) in pts.iter().enumerate() {
+                assert!(k == i || !overlap(b[i], (x - 6, y - 6, x + 6, y + 6)), "n {n}: label {i} covers point {k}");
+            }
+        }
+    }
+    // A lone point keeps the first place: up and to the right.
+    assert_eq!(place_labels(&[(10, 10)], &[(20, 12)]), [(6, -16)]);
+}

@@ -781,8 +781,7 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
         let elapsed = t0.elapsed().as_secs_f64();
         let left = elapsed / (n_done + 1) as f64 * (points.len() - n_done - 1) as f64;
         println!(
-            "[{}] ppl {:.4} kl {:.5} (p99 {:.4}) top1 {:.4} bits/elt {:.3} kv {:.2} MiB, quantized history {}/{} \
-             scored tokens{} {}{:.1} s; about {:.1} min left",
+            "[{}] ppl {:.4} kl {:.5} (p99 {:.4}) top1 {:.4} bits/elt {:.3} kv {:.2} MiB{}; {}{:.1} s; about {:.1} min left",
             label,
             r.ppl,
             r.kl_mean,
@@ -790,9 +789,11 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
             r.top1,
             r.bits_per_element,
             r.kv_bytes as f64 / (1 << 20) as f64,
-            quantized_scored,
-            scored,
-            if full || quantized_scored > 0 { "" } else { " (nothing quantized: equals full precision)" },
+            match (full, quantized_scored) {
+                (true, _) => String::new(),
+                (false, 0) => format!(", quantized history 0/{scored} scored tokens: nothing quantized, equals full precision"),
+                (false, q) => format!(", quantized history {q}/{scored} scored tokens"),
+            },
             if tasks.is_empty() { String::new() } else { format!("{} ", tasks.join(" ")) },
             r.wall_s,
             left / 60.0
