@@ -257,6 +257,9 @@ pub struct Scatter {
     pub group_names: Vec<String>,
     /// Draw the Pareto front for this goal; `None` draws no front.
     pub pareto: Option<ParetoGoal>,
+    /// A dashed horizontal reference line at this y with its legend label (for example the full-precision
+    /// perplexity, so the quantized points keep the whole x axis).
+    pub reference: Option<(f64, String)>,
     pub log_y: bool,
     pub size: (u32, u32),
 }
@@ -271,6 +274,7 @@ impl Default for Scatter {
             points: Vec::new(),
             group_names: Vec::new(),
             pareto: Some(ParetoGoal::MaximizeY),
+            reference: None,
             log_y: false,
             size: DEFAULT_SIZE,
         }
@@ -405,7 +409,9 @@ pub fn format_value(v: f64) -> String {
     } else if a >= 1.0 {
         format!("{v:.2}")
     } else {
-        format!("{v:.3}")
+        // Three significant digits below 1 too: 0.00817, not 0.008.
+        let decimals = (2 - a.log10().floor() as i32).max(3) as usize;
+        format!("{v:.decimals$}")
     }
 }
 
@@ -1007,6 +1013,9 @@ pub fn scatter_pareto(chart: &Scatter, stem: &Path) -> Result<[PathBuf; 2]> {
     let ys: Vec<f64> = chart.points.iter().map(|p| p.y).collect();
     check_finite(t, "x", &xs, false)?;
     check_finite(t, "y", &ys, chart.log_y)?;
+    if let Some((y, _)) = &chart.reference {
+        check_finite(t, "reference line", &[*y], chart.log_y)?;
+    }
     render(chart, stem)
 }
 
@@ -1018,7 +1027,8 @@ impl Draw for Scatter {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> std::result::Result<(), String> {
         root.fill(&WHITE).map_err(backend_err)?;
         let xr = pad_linear(extent(self.points.iter().map(|p| p.x)).unwrap_or((0.0, 1.0)));
-        let yr = extent(self.points.iter().map(|p| p.y)).unwrap_or((0.0, 1.0));
+        let yr =
+            extent(self.points.iter().map(|p| p.y).chain(self.reference.as_ref().map(|r| r.0))).unwrap_or((0.0, 1.0));
         let pts: Vec<(f64, f64)> = self.points.iter().map(|p| (p.x, p.y)).collect();
         let front: Vec<(f64, f64)> = match self.pareto {
             Some(goal) => pareto_front(&pts, goal).into_iter().map(|i| pts[i]).collect(),
@@ -1029,6 +1039,10 @@ impl Draw for Scatter {
         let mut entries: Vec<(String, Mark)> = Vec::new();
         if front.len() > 1 {
             entries.push(("Pareto front".into(), Mark::Line(BLACK)));
+        }
+        let grey = RGBColor(110, 110, 110);
+        if let Some((_, label)) = &self.reference {
+            entries.push((label.clone(), Mark::Line(grey)));
         }
         for g in 0..n_groups {
             if let Some(name) = self.group_names.get(g).filter(|_| self.points.iter().any(|p| p.group == g)) {
@@ -1054,6 +1068,11 @@ impl Draw for Scatter {
                     .max_light_lines(2)
                     .draw()
                     .map_err(backend_err)?;
+                if let Some((y, _)) = &self.reference {
+                    $chart
+                        .draw_series(DashedLineSeries::new(vec![(xr.0, *y), (xr.1, *y)], 8, 5, grey.stroke_width(2)))
+                        .map_err(backend_err)?;
+                }
                 if front.len() > 1 {
                     $chart
                         .draw_series(LineSeries::new(front.iter().copied(), BLACK.stroke_width(2)))

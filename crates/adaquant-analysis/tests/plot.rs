@@ -221,7 +221,9 @@ fn value_format_and_colour_map() {
     assert_eq!(format_value(0.0), "0");
     assert_eq!(format_value(23.456), "23.5");
     assert_eq!(format_value(1.2345), "1.23");
-    assert_eq!(format_value(0.012345), "0.012");
+    assert_eq!(format_value(0.012345), "0.0123");
+    assert_eq!(format_value(0.0081749), "0.00817");
+    assert_eq!(format_value(0.195), "0.195");
     assert_eq!(format_value(123456.0), "1.23e5");
     assert_eq!(format_value(f64::NAN), "n/a");
     assert_eq!(viridis(0.0), RGBColor(68, 1, 84));
@@ -314,6 +316,13 @@ fn scatter_legend_sits_beside_the_plot_and_lists_only_drawn_groups() {
         .collect();
     let rightmost_point = data.iter().cloned().fold(f64::MIN, f64::max);
     assert!(legend_texts_x.iter().all(|&x| x > rightmost_point + 5.0), "{legend_texts_x:?} vs {rightmost_point}");
+    // A reference line (the full-precision value) is drawn and named in the legend; on a log axis it must be
+    // positive like the points.
+    let with_ref = Scatter { reference: Some((0.2, "full precision".into())), ..chart.clone() };
+    let [svg, _] = scatter_pareto(&with_ref, &dir.join("reference")).unwrap();
+    assert!(texts(&read_svg(&svg)).iter().any(|x| x == "full precision"));
+    let bad = Scatter { reference: Some((0.0, "zero".into())), ..chart };
+    assert!(matches!(scatter_pareto(&bad, &dir.join("bad")), Err(PlotError::NonPositiveOnLog { .. })));
 }
 
 #[test]

@@ -358,14 +358,23 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
         }
         // Metrics against bits per element with the Pareto front.
         let policies: Vec<&str> = vec!["full", "fixed", "budget"];
+        // The full-precision point sits at 32 bits per element, far right of every quantized point; it is drawn
+        // as a dashed reference line instead, so the quantized points keep the whole x axis.
+        let full = rs.iter().find(|r| r.policy == "full");
         let mut scatter = |metric: &str,
                            title: &str,
                            goal: ParetoGoal,
                            log_y: bool,
                            f: &dyn Fn(&PointResult) -> Option<f64>|
          -> Result<()> {
+            let reference = full
+                .filter(|_| rs.iter().any(|r| r.policy != "full"))
+                .and_then(|r| f(r))
+                .filter(|y| y.is_finite() && (!log_y || *y > 0.0))
+                .map(|y| (y, format!("full precision (f32), {}", adaquant_analysis::plot::format_value(y))));
             let points: Vec<ScatterPoint> = rs
                 .iter()
+                .filter(|r| r.policy != "full" || reference.is_none())
                 .filter_map(|r| {
                     let y = f(r)?;
                     (y.is_finite() && (!log_y || y > 0.0)).then(|| ScatterPoint {
@@ -376,7 +385,7 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
                     })
                 })
                 .collect();
-            if points.len() < 2 {
+            if points.is_empty() || points.len() + usize::from(reference.is_some()) < 2 {
                 return Ok(());
             }
             let chart = Scatter {
@@ -387,6 +396,7 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
                 points,
                 group_names: vec!["full precision (f32)".into(), "fixed K/V split".into(), "budget solver".into()],
                 pareto: Some(goal),
+                reference,
                 log_y,
                 ..Scatter::default()
             };
@@ -395,7 +405,7 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
             files.plots.extend([svg, png]);
             Ok(())
         };
-        scatter("ppl", "perplexity", ParetoGoal::MinimizeY, false, &|r| Some(r.ppl))?;
+        scatter("ppl", "perplexity", ParetoGoal::MinimizeY, true, &|r| Some(r.ppl))?;
         scatter("kl", "mean KL", ParetoGoal::MinimizeY, true, &|r| (r.policy != "full").then_some(r.kl_mean))?;
         scatter("top1", "top-1 agreement", ParetoGoal::MaximizeY, false, &|r| Some(r.top1))?;
         let task_names: BTreeSet<String> = rs.iter().flat_map(|r| r.tasks.keys().cloned()).collect();
