@@ -92,9 +92,9 @@ Examples:
 pub const GENERATE_EXAMPLES: &str = "\
 Examples:
   adaquant generate --prompt \"The capital of France is\"
-  adaquant generate --chat --prompt \"What is the capital of France?\" --cache k4v2-r16
-      a quantized cache on a short prompt: r16 keeps only the 16 most recent tokens exact, so the rest of the
-      prompt is quantized (with the default r128 a 37-token prompt would not be)
+  adaquant generate --chat --prompt \"What is the capital of France?\" --cache k4v2-r16-s4
+      a quantized cache on a short prompt: r16 keeps only the 16 most recent tokens exact and s4 the first 4
+      (attention sinks), so the rest of the prompt is quantized (with the default r128 a 37-token prompt would not be)
   adaquant generate --prompt \"$(head -c 2000 data/wikitext-2-raw/wiki.test.raw)\" --cache k2v4 --max-tokens 32
 
 generate reports how many tokens were quantized and the bits per element of the quantized part and of the whole

@@ -265,7 +265,7 @@ pub fn run_with(args: &GenerateArgs, make_cache: &CacheBuilder) -> anyhow::Resul
     if share.is_none() && quantizing {
         let s = spec.trim();
         let hint = if s.starts_with(['k', 'K']) && !s.ends_with(".json") {
-            format!("e.g. --cache {s}-r16")
+            format!("e.g. --cache {s}-r16-s4")
         } else {
             "a smaller \"residual\"".to_string()
         };
