@@ -191,7 +191,8 @@ pub struct SweepArgs {
     /// they are written to --out.
     #[arg(long, num_args = 1..)]
     pub merge: Vec<PathBuf>,
-    /// Print the points and exit.
+    /// Check every point against the model's shape (read from its header, no weights loaded), print the points
+    /// with how many scored tokens per window see quantized history, and exit.
     #[arg(long)]
     pub dry_run: bool,
 }
