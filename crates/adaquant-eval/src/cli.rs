@@ -690,6 +690,30 @@ mod tests {
     }
 
     #[test]
+    fn files_are_checked_before_the_model_loads_and_named_once() {
+        let dir = std::env::temp_dir().join(format!("adaquant-cli-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.gguf");
+        let e = resolve_model(Some(&missing)).unwrap_err().to_string();
+        assert!(e.starts_with("--model ") && e.matches("missing.gguf").count() == 1, "{e}");
+        let e = resolve_text(Some(&dir.join("absent.txt"))).unwrap_err().to_string();
+        assert!(e.starts_with("--text ") && e.matches("absent.txt").count() == 1, "{e}");
+        let spec = TextEvalSpec { ctx: 512, windows: 2, topk: 0 };
+        let empty = dir.join("empty.txt");
+        std::fs::write(&empty, "").unwrap();
+        assert!(check_text_before_loading(&empty, &spec).unwrap_err().to_string().contains("is empty"));
+        let short = dir.join("short.txt");
+        std::fs::write(&short, "x".repeat(1000)).unwrap();
+        let e = check_text_before_loading(&short, &spec).unwrap_err().to_string();
+        assert!(e.contains("has 1000 bytes, but 2 windows of 512 tokens need at least 1024"), "{e}");
+        let one = TextEvalSpec { windows: 1, ..spec.clone() };
+        assert!(check_text_before_loading(&short, &one).is_ok());
+        let e = check_text_before_loading(&short, &TextEvalSpec { windows: 0, ..spec }).unwrap_err().to_string();
+        assert!(e.contains("--windows"), "{e}");
+        assert_eq!((plural(1, "window"), plural(2, "window")), ("1 window".to_string(), "2 windows".to_string()));
+    }
+
+    #[test]
     fn grids_multiply_out_and_bad_flags_are_errors() {
         let a = Cli::parse_from([
             "x",

@@ -836,6 +836,13 @@ mod tests {
     }
 
     #[test]
+    fn averaged_widths_are_written_without_float_noise() {
+        let avg = (0..30).map(|_| Bits::B1_58.nominal()).sum::<f64>() / 30.0;
+        assert_eq!(serde_json::to_string(&round_bits(avg)).unwrap(), "1.58");
+        assert_eq!(round_bits(4.066666666666666), 4.066666667);
+    }
+
+    #[test]
     fn shards_partition_the_points() {
         let s = Shard::parse("1/3").unwrap();
         assert_eq!(s, Shard { index: 1, count: 3 });

@@ -298,6 +298,21 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_prompt_names_the_flag_before_anything_loads() {
+        let args = GenerateArgs {
+            model: Some("/nonexistent/model.gguf".into()),
+            prompt: String::new(),
+            chat: false,
+            max_tokens: 4,
+            cache: None,
+        };
+        let e = run(&args).unwrap_err().to_string();
+        assert!(e.starts_with("--prompt is empty"), "{e}");
+        let e = run(&GenerateArgs { prompt: "hi".into(), ..args }).unwrap_err().to_string();
+        assert_eq!(e, "--model /nonexistent/model.gguf: no such file or folder");
+    }
+
+    #[test]
     fn quantized_share_counts_packed_tokens_and_their_bits() {
         let shape = CacheShape::new(3, 4, 2, 64, 256);
         // The case: a 37-token prompt never leaves the default 128-token window.
