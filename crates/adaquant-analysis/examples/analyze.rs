@@ -11,6 +11,7 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    adaquant_analysis::run(&cli.args)?;
+    let out = adaquant_analysis::run(&cli.args)?;
+    println!("analysis written to {}", out.display());
     Ok(())
 }

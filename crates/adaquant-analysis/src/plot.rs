@@ -109,6 +109,8 @@ impl Series {
 #[derive(Clone, Debug, PartialEq)]
 pub struct LineChart {
     pub title: String,
+    /// A smaller second line under the title (for example the model, the text and the settings shown).
+    pub subtitle: String,
     pub x_label: String,
     pub y_label: String,
     pub series: Vec<Series>,
@@ -122,6 +124,7 @@ impl Default for LineChart {
     fn default() -> Self {
         LineChart {
             title: String::new(),
+            subtitle: String::new(),
             x_label: String::new(),
             y_label: String::new(),
             series: Vec::new(),
@@ -143,6 +146,8 @@ pub struct BarGroup {
 #[derive(Clone, Debug, PartialEq)]
 pub struct BarChart {
     pub title: String,
+    /// A smaller second line under the title (for example the model, the text and the settings shown).
+    pub subtitle: String,
     pub x_label: String,
     pub y_label: String,
     pub categories: Vec<String>,
@@ -158,6 +163,7 @@ impl Default for BarChart {
     fn default() -> Self {
         BarChart {
             title: String::new(),
+            subtitle: String::new(),
             x_label: String::new(),
             y_label: String::new(),
             categories: Vec::new(),
@@ -175,6 +181,8 @@ impl Default for BarChart {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Heatmap {
     pub title: String,
+    /// A smaller second line under the title.
+    pub subtitle: String,
     pub x_label: String,
     pub y_label: String,
     /// Names of the columns (x axis).
@@ -186,6 +194,8 @@ pub struct Heatmap {
     pub cell_labels: bool,
     /// Outline the cells with equal row and column index.
     pub mark_diagonal: bool,
+    /// What the outlined diagonal means (for example `K = V`), written as a key beside the colour bar.
+    pub diagonal_label: String,
     /// Colour by log10 of the value (values must then be positive).
     pub log_color: bool,
     /// Label of the colour bar.
@@ -197,6 +207,7 @@ impl Default for Heatmap {
     fn default() -> Self {
         Heatmap {
             title: String::new(),
+            subtitle: String::new(),
             x_label: String::new(),
             y_label: String::new(),
             col_names: Vec::new(),
@@ -204,6 +215,7 @@ impl Default for Heatmap {
             values: Vec::new(),
             cell_labels: true,
             mark_diagonal: false,
+            diagonal_label: String::new(),
             log_color: false,
             color_label: String::new(),
             size: DEFAULT_SIZE,
@@ -236,6 +248,8 @@ pub struct ScatterPoint {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scatter {
     pub title: String,
+    /// A smaller second line under the title (for example the model, the text and the settings shown).
+    pub subtitle: String,
     pub x_label: String,
     pub y_label: String,
     pub points: Vec<ScatterPoint>,
@@ -243,6 +257,9 @@ pub struct Scatter {
     pub group_names: Vec<String>,
     /// Draw the Pareto front for this goal; `None` draws no front.
     pub pareto: Option<ParetoGoal>,
+    /// A dashed horizontal reference line at this y with its legend label (for example the full-precision
+    /// perplexity, so the quantized points keep the whole x axis).
+    pub reference: Option<(f64, String)>,
     pub log_y: bool,
     pub size: (u32, u32),
 }
@@ -251,11 +268,13 @@ impl Default for Scatter {
     fn default() -> Self {
         Scatter {
             title: String::new(),
+            subtitle: String::new(),
             x_label: String::new(),
             y_label: String::new(),
             points: Vec::new(),
             group_names: Vec::new(),
             pareto: Some(ParetoGoal::MaximizeY),
+            reference: None,
             log_y: false,
             size: DEFAULT_SIZE,
         }
@@ -390,8 +409,181 @@ pub fn format_value(v: f64) -> String {
     } else if a >= 1.0 {
         format!("{v:.2}")
     } else {
-        format!("{v:.3}")
+        // Three significant digits below 1 too: 0.00817, not 0.008.
+        let decimals = (2 - a.log10().floor() as i32).max(3) as usize;
+        format!("{v:.decimals$}")
     }
+}
+
+/// An axis tick label: integers without a decimal point (`10`, not `10.0`), other values with at most three
+/// significant digits and no trailing zeros (`0.3`, not `0.30000000000000004`), scientific notation outside
+/// 1e-3..1e5.
+pub fn tick_label(v: f64) -> String {
+    if !v.is_finite() {
+        return String::new();
+    }
+    let a = v.abs();
+    if a == 0.0 {
+        return "0".into();
+    }
+    if !(1e-3..1e5).contains(&a) {
+        return format!("{v:.1e}").replace(".0e", "e");
+    }
+    if (v - v.round()).abs() < 1e-9 * a.max(1.0) {
+        return format!("{}", v.round() as i64);
+    }
+    let decimals = (2 - a.log10().floor() as i32).max(0) as usize;
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// Tick positions of a logarithmic axis over `[lo, hi]` (positive): powers of ten over many decades, 1-2-5 steps
+/// over a few, and finer mantissas (or evenly spaced round values) within one decade, where an automatic log axis
+/// would show no tick at all.
+pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    if !(lo > 0.0 && hi > lo && lo.is_finite() && hi.is_finite()) {
+        return Vec::new();
+    }
+    let decades = (hi / lo).log10();
+    let sets: [&[f64]; 4] = [&[1.0], &[1.0, 2.0, 5.0], &[1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0], &[]];
+    let start = if decades > 4.0 {
+        0
+    } else if decades > 1.0 {
+        1
+    } else {
+        2
+    };
+    for mantissas in &sets[start..3] {
+        let mut ticks = Vec::new();
+        let (e0, e1) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+        for e in e0..=e1 {
+            for &m in mantissas.iter() {
+                let v = m * 10f64.powi(e);
+                if v >= lo * (1.0 - 1e-12) && v <= hi * (1.0 + 1e-12) {
+                    ticks.push(v);
+                }
+            }
+        }
+        if ticks.len() >= 3 {
+            // Thin out crowded axes: at most about ten labels.
+            let step = ticks.len().div_ceil(10);
+            return ticks.into_iter().step_by(step).collect();
+        }
+    }
+    // Narrower than the finest mantissas: the widest round step that still gives three ticks.
+    let mag = 10f64.powi((hi - lo).log10().floor() as i32);
+    for step in [5.0, 2.5, 2.0, 1.0, 0.5, 0.25, 0.2, 0.1].map(|m| m * mag) {
+        let first = (lo / step).ceil();
+        let ticks: Vec<f64> =
+            (0..).map(|i| (first + i as f64) * step).take_while(|v| *v <= hi * (1.0 + 1e-12)).collect();
+        if ticks.len() >= 3 {
+            return ticks;
+        }
+    }
+    vec![lo, hi]
+}
+
+/// Offsets (from each point, in pixels) of point labels so they overlap neither each other nor the points:
+/// `points` are pixel positions, `sizes` the labels' (width, height). Each label takes the first of a few
+/// candidate places (up-right first) that is free; a label with no free place keeps the first candidate.
+pub fn place_labels(points: &[(i32, i32)], sizes: &[(i32, i32)]) -> Vec<(i32, i32)> {
+    let overlaps = |a: (i32, i32, i32, i32), b: (i32, i32, i32, i32)| a.0 < b.2 && b.0 < a.2 && a.1 < b.3 && b.1 < a.3;
+    // Boxes of the points themselves (radius 5 plus a margin).
+    let dots: Vec<(i32, i32, i32, i32)> = points.iter().map(|&(x, y)| (x - 6, y - 6, x + 6, y + 6)).collect();
+    let mut placed: Vec<(i32, i32, i32, i32)> = Vec::new();
+    let mut out = Vec::with_capacity(points.len());
+    for (i, (&(x, y), &(w, h))) in points.iter().zip(sizes).enumerate() {
+        let candidates = [
+            (6, -h - 4),
+            (6, 4),
+            (-6 - w, -h - 4),
+            (-6 - w, 4),
+            (6, -2 * h - 6),
+            (6, h + 6),
+            (-6 - w, -2 * h - 6),
+            (-6 - w, h + 6),
+            (-w / 2, -2 * h - 8),
+            (-w / 2, h + 8),
+        ];
+        let free = |&(dx, dy): &(i32, i32)| {
+            let b = (x + dx, y + dy, x + dx + w, y + dy + h);
+            !placed.iter().any(|&p| overlaps(b, p)) && !dots.iter().enumerate().any(|(j, &d)| j != i && overlaps(b, d))
+        };
+        let (dx, dy) = candidates.iter().copied().find(free).unwrap_or(candidates[0]);
+        placed.push((x + dx, y + dy, x + dx + w, y + dy + h));
+        out.push((dx, dy));
+    }
+    out
+}
+
+fn tick(v: &f64) -> String {
+    tick_label(*v)
+}
+
+/// How a legend entry is drawn.
+#[derive(Clone, Copy)]
+enum Mark {
+    Line(RGBColor),
+    Dot(RGBColor),
+    Block(RGBColor),
+}
+
+/// Draws the title, and the subtitle under it in grey, across the top of `root`; returns the area below.
+fn titled<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    subtitle: &str,
+) -> std::result::Result<DrawingArea<DB, Shift>, String> {
+    let h = if subtitle.is_empty() { 40 } else { 64 };
+    let (top, rest) = root.split_vertically(h);
+    let (w, _) = top.dim_in_pixel();
+    let pos = Pos::new(HPos::Center, VPos::Top);
+    top.draw(&Text::new(title.to_string(), ((w / 2) as i32, 10), TextStyle::from((FONT, 22).into_font()).pos(pos)))
+        .map_err(backend_err)?;
+    if !subtitle.is_empty() {
+        let style = TextStyle::from((FONT, 15).into_font()).color(&RGBColor(70, 70, 70)).pos(pos);
+        top.draw(&Text::new(subtitle.to_string(), ((w / 2) as i32, 38), style)).map_err(backend_err)?;
+    }
+    Ok(rest)
+}
+
+/// Width of the legend column for these labels (0 without entries).
+fn legend_width(entries: &[(String, Mark)]) -> u32 {
+    if entries.is_empty() {
+        return 0;
+    }
+    let longest = entries.iter().map(|(l, _)| l.chars().count()).max().unwrap_or(0) as u32;
+    (44 + 8 * longest).clamp(90, 300)
+}
+
+/// Splits a legend column off the right of `area`, draws the entries there (outside the plot, so they never
+/// cover data) and returns the area left for the plot.
+fn with_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    entries: &[(String, Mark)],
+) -> std::result::Result<DrawingArea<DB, Shift>, String> {
+    let lw = legend_width(entries);
+    if lw == 0 {
+        return Ok(area.clone());
+    }
+    let (w, _) = area.dim_in_pixel();
+    let (plot, legend) = area.split_horizontally(w.saturating_sub(lw));
+    let style = TextStyle::from((FONT, 14).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+    for (i, (label, mark)) in entries.iter().enumerate() {
+        let y = 30 + 24 * i as i32;
+        match *mark {
+            Mark::Line(c) => legend.draw(&PathElement::new(vec![(4, y), (26, y)], c.stroke_width(2))),
+            Mark::Dot(c) => legend.draw(&Circle::new((15, y), 5, c.filled())),
+            Mark::Block(c) => legend.draw(&Rectangle::new([(8, y - 6), (22, y + 6)], c.filled())),
+        }
+        .map_err(backend_err)?;
+        legend.draw(&Text::new(label.clone(), (34, y), style.clone())).map_err(backend_err)?;
+    }
+    Ok(plot)
 }
 
 /// The viridis colour map at `t` in [0, 1] (matplotlib's default map, 8 control points linearly interpolated).
@@ -489,8 +681,16 @@ impl Draw for LineChart {
             s.y.iter().copied().chain(band)
         });
         let yr = extent(ys.chain(self.hline)).unwrap_or((1.0, 10.0));
-        let mut builder = ChartBuilder::on(root);
-        builder.caption(&self.title, (FONT, 22)).margin(14).x_label_area_size(46).y_label_area_size(72);
+        let entries: Vec<(String, Mark)> = self
+            .series
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.label.is_empty())
+            .map(|(i, s)| (s.label.clone(), Mark::Line(palette(i))))
+            .collect();
+        let area = with_legend(&titled(root, &self.title, &self.subtitle)?, &entries)?;
+        let mut builder = ChartBuilder::on(&area);
+        builder.margin(14).x_label_area_size(46).y_label_area_size(72);
 
         macro_rules! body {
             ($chart:ident) => {{
@@ -498,9 +698,12 @@ impl Draw for LineChart {
                     .configure_mesh()
                     .x_desc(self.x_label.as_str())
                     .y_desc(self.y_label.as_str())
+                    .x_label_formatter(&tick)
+                    .y_label_formatter(&tick)
                     .label_style((FONT, 14))
                     .axis_desc_style((FONT, 16))
-                    .light_line_style(RGBColor(235, 235, 235))
+                    .light_line_style(RGBColor(240, 240, 240))
+                    .max_light_lines(2)
                     .draw()
                     .map_err(backend_err)?;
                 for (i, s) in self.series.iter().enumerate() {
@@ -517,23 +720,11 @@ impl Draw for LineChart {
                             s.x.iter().copied().zip(s.y.iter().copied()),
                             color.stroke_width(2),
                         ))
-                        .map_err(backend_err)?
-                        .label(s.label.as_str())
-                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                        .map_err(backend_err)?;
                 }
                 if let Some(h) = self.hline {
                     $chart
                         .draw_series(DashedLineSeries::new(vec![(xr.0, h), (xr.1, h)], 8, 5, BLACK.stroke_width(1)))
-                        .map_err(backend_err)?;
-                }
-                if self.series.iter().any(|s| !s.label.is_empty()) {
-                    $chart
-                        .configure_series_labels()
-                        .label_font((FONT, 14))
-                        .background_style(WHITE.mix(0.85))
-                        .border_style(RGBColor(160, 160, 160))
-                        .position(SeriesLabelPosition::UpperRight)
-                        .draw()
                         .map_err(backend_err)?;
                 }
             }};
@@ -541,7 +732,8 @@ impl Draw for LineChart {
 
         if self.log_y {
             let (lo, hi) = pad_log(yr);
-            let mut chart = builder.build_cartesian_2d(xr.0..xr.1, (lo..hi).log_scale()).map_err(backend_err)?;
+            let y = (lo..hi).log_scale().with_key_points(log_ticks(lo, hi));
+            let mut chart = builder.build_cartesian_2d(xr.0..xr.1, y).map_err(backend_err)?;
             body!(chart);
         } else {
             let (lo, hi) = pad_linear(yr);
@@ -589,8 +781,16 @@ impl Draw for BarChart {
                 String::new()
             }
         };
-        let mut builder = ChartBuilder::on(root);
-        builder.caption(&self.title, (FONT, 22)).margin(14).x_label_area_size(46).y_label_area_size(72);
+        let entries: Vec<(String, Mark)> = self
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| !g.label.is_empty())
+            .map(|(i, g)| (g.label.clone(), Mark::Block(palette(i))))
+            .collect();
+        let area = with_legend(&titled(root, &self.title, &self.subtitle)?, &entries)?;
+        let mut builder = ChartBuilder::on(&area);
+        builder.margin(14).x_label_area_size(46).y_label_area_size(72);
 
         macro_rules! body {
             ($chart:ident, $base:expr) => {{
@@ -600,10 +800,12 @@ impl Draw for BarChart {
                     .y_desc(self.y_label.as_str())
                     .x_labels(n.min(40))
                     .x_label_formatter(&x_fmt)
+                    .y_label_formatter(&tick)
                     .disable_x_mesh()
                     .label_style((FONT, 14))
                     .axis_desc_style((FONT, 16))
-                    .light_line_style(RGBColor(235, 235, 235))
+                    .light_line_style(RGBColor(240, 240, 240))
+                    .max_light_lines(2)
                     .draw()
                     .map_err(backend_err)?;
                 for (gi, g) in self.groups.iter().enumerate() {
@@ -614,9 +816,7 @@ impl Draw for BarChart {
                             let x0 = ci as f64 - 0.4 + gi as f64 * width;
                             Rectangle::new([(x0, base), (x0 + width * 0.92, v)], color.filled())
                         }))
-                        .map_err(backend_err)?
-                        .label(g.label.as_str())
-                        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
+                        .map_err(backend_err)?;
                 }
                 if let Some(h) = self.hline {
                     $chart
@@ -628,21 +828,14 @@ impl Draw for BarChart {
                         ))
                         .map_err(backend_err)?;
                 }
-                $chart
-                    .configure_series_labels()
-                    .label_font((FONT, 14))
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(RGBColor(160, 160, 160))
-                    .position(SeriesLabelPosition::UpperRight)
-                    .draw()
-                    .map_err(backend_err)?;
             }};
         }
 
         let xr = -0.6..(n as f64 - 0.4);
         if self.log_y {
             let (lo, hi) = pad_log(yr);
-            let mut chart = builder.build_cartesian_2d(xr, (lo..hi).log_scale()).map_err(backend_err)?;
+            let y = (lo..hi).log_scale().with_key_points(log_ticks(lo, hi));
+            let mut chart = builder.build_cartesian_2d(xr, y).map_err(backend_err)?;
             body!(chart, lo);
         } else {
             let (lo, hi) = pad_linear((yr.0.min(0.0), yr.1.max(0.0)));
@@ -696,8 +889,9 @@ impl Draw for Heatmap {
         let nc = self.values[0].len() as i32;
         let (vlo, vhi) = extent(self.values.iter().flatten().map(|&v| self.color_value(v))).unwrap_or((0.0, 1.0));
         let norm = |v: f64| (self.color_value(v) - vlo) / (vhi - vlo);
-        let (w, _) = root.dim_in_pixel();
-        let (main, bar) = root.split_horizontally(w.saturating_sub(130));
+        let area = titled(root, &self.title, &self.subtitle)?;
+        let (w, h) = area.dim_in_pixel();
+        let (main, bar) = area.split_horizontally(w.saturating_sub(130));
 
         let cols = &self.col_names;
         let rows = &self.row_names;
@@ -710,7 +904,6 @@ impl Draw for Heatmap {
             _ => String::new(),
         };
         let mut chart = ChartBuilder::on(&main)
-            .caption(&self.title, (FONT, 22))
             .margin(14)
             .x_label_area_size(46)
             .y_label_area_size(72)
@@ -770,16 +963,25 @@ impl Draw for Heatmap {
                 .map_err(backend_err)?;
         }
 
+        // The key of the outlined diagonal, under the colour bar.
+        let diagonal_key = self.mark_diagonal && !self.diagonal_label.is_empty();
+        if diagonal_key {
+            let y = h as i32 - 34;
+            bar.draw(&Rectangle::new([(10, y - 8), (26, y + 8)], RGBColor(220, 30, 30).stroke_width(3)))
+                .map_err(backend_err)?;
+            let style = TextStyle::from((FONT, 14).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+            bar.draw(&Text::new(self.diagonal_label.clone(), (34, y), style)).map_err(backend_err)?;
+        }
         // The colour bar: a column of thin rectangles spanning the value range, labelled in data units.
         let mut cb = ChartBuilder::on(&bar)
-            .margin_top(50)
-            .margin_bottom(60)
+            .margin_top(26)
+            .margin_bottom(if diagonal_key { 76 } else { 60 })
             .margin_right(10)
             .y_label_area_size(70)
             .build_cartesian_2d(0.0..1.0, vlo..vhi)
             .map_err(backend_err)?;
         let log = self.log_color;
-        let cb_fmt = move |v: &f64| format_value(if log { 10f64.powf(*v) } else { *v });
+        let cb_fmt = move |v: &f64| tick_label(if log { 10f64.powf(*v) } else { *v });
         cb.configure_mesh()
             .disable_x_axis()
             .disable_mesh()
@@ -811,6 +1013,9 @@ pub fn scatter_pareto(chart: &Scatter, stem: &Path) -> Result<[PathBuf; 2]> {
     let ys: Vec<f64> = chart.points.iter().map(|p| p.y).collect();
     check_finite(t, "x", &xs, false)?;
     check_finite(t, "y", &ys, chart.log_y)?;
+    if let Some((y, _)) = &chart.reference {
+        check_finite(t, "reference line", &[*y], chart.log_y)?;
+    }
     render(chart, stem)
 }
 
@@ -822,14 +1027,32 @@ impl Draw for Scatter {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> std::result::Result<(), String> {
         root.fill(&WHITE).map_err(backend_err)?;
         let xr = pad_linear(extent(self.points.iter().map(|p| p.x)).unwrap_or((0.0, 1.0)));
-        let yr = extent(self.points.iter().map(|p| p.y)).unwrap_or((0.0, 1.0));
+        let yr =
+            extent(self.points.iter().map(|p| p.y).chain(self.reference.as_ref().map(|r| r.0))).unwrap_or((0.0, 1.0));
         let pts: Vec<(f64, f64)> = self.points.iter().map(|p| (p.x, p.y)).collect();
         let front: Vec<(f64, f64)> = match self.pareto {
             Some(goal) => pareto_front(&pts, goal).into_iter().map(|i| pts[i]).collect(),
             None => Vec::new(),
         };
-        let mut builder = ChartBuilder::on(root);
-        builder.caption(&self.title, (FONT, 22)).margin(14).x_label_area_size(46).y_label_area_size(72);
+        // Legend entries only for what is drawn: the front when there is one, groups that have points.
+        let n_groups = self.points.iter().map(|p| p.group + 1).max().unwrap_or(1);
+        let mut entries: Vec<(String, Mark)> = Vec::new();
+        if front.len() > 1 {
+            entries.push(("Pareto front".into(), Mark::Line(BLACK)));
+        }
+        let grey = RGBColor(110, 110, 110);
+        if let Some((_, label)) = &self.reference {
+            entries.push((label.clone(), Mark::Line(grey)));
+        }
+        for g in 0..n_groups {
+            if let Some(name) = self.group_names.get(g).filter(|_| self.points.iter().any(|p| p.group == g)) {
+                entries.push((name.clone(), Mark::Dot(palette(g))));
+            }
+        }
+        let area = with_legend(&titled(root, &self.title, &self.subtitle)?, &entries)?;
+        let mut builder = ChartBuilder::on(&area);
+        builder.margin(14).x_label_area_size(46).y_label_area_size(72);
+        let label_style = TextStyle::from((FONT, 12).into_font()).color(&BLACK);
 
         macro_rules! body {
             ($chart:ident) => {{
@@ -837,22 +1060,27 @@ impl Draw for Scatter {
                     .configure_mesh()
                     .x_desc(self.x_label.as_str())
                     .y_desc(self.y_label.as_str())
+                    .x_label_formatter(&tick)
+                    .y_label_formatter(&tick)
                     .label_style((FONT, 14))
                     .axis_desc_style((FONT, 16))
-                    .light_line_style(RGBColor(235, 235, 235))
+                    .light_line_style(RGBColor(240, 240, 240))
+                    .max_light_lines(2)
                     .draw()
                     .map_err(backend_err)?;
+                if let Some((y, _)) = &self.reference {
+                    $chart
+                        .draw_series(DashedLineSeries::new(vec![(xr.0, *y), (xr.1, *y)], 8, 5, grey.stroke_width(2)))
+                        .map_err(backend_err)?;
+                }
                 if front.len() > 1 {
                     $chart
                         .draw_series(LineSeries::new(front.iter().copied(), BLACK.stroke_width(2)))
-                        .map_err(backend_err)?
-                        .label("Pareto front")
-                        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+                        .map_err(backend_err)?;
                 }
-                let n_groups = self.points.iter().map(|p| p.group + 1).max().unwrap_or(1);
                 for g in 0..n_groups {
                     let color = palette(g);
-                    let series = $chart
+                    $chart
                         .draw_series(
                             self.points
                                 .iter()
@@ -860,33 +1088,28 @@ impl Draw for Scatter {
                                 .map(|p| Circle::new((p.x, p.y), 5, color.filled())),
                         )
                         .map_err(backend_err)?;
-                    if let Some(name) = self.group_names.get(g) {
-                        series.label(name.as_str()).legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
-                    }
                 }
+                // Labels beside their points, placed so they cover neither other labels nor points.
+                let labelled: Vec<&ScatterPoint> = self.points.iter().filter(|p| p.label.is_some()).collect();
+                let pixels: Vec<(i32, i32)> = labelled.iter().map(|p| $chart.backend_coord(&(p.x, p.y))).collect();
+                let sizes: Vec<(i32, i32)> = labelled
+                    .iter()
+                    .map(|p| (7 * p.label.as_ref().map_or(0, |l| l.chars().count()) as i32, 12))
+                    .collect();
+                let offsets = place_labels(&pixels, &sizes);
                 $chart
-                    .draw_series(self.points.iter().filter_map(|p| {
-                        p.label.as_ref().map(|l| {
-                            Text::new(l.clone(), (p.x, p.y), TextStyle::from((FONT, 12).into_font()).color(&BLACK))
-                        })
+                    .draw_series(labelled.iter().zip(offsets).map(|(p, off)| {
+                        let l = p.label.clone().unwrap_or_default();
+                        EmptyElement::at((p.x, p.y)) + Text::new(l, off, label_style.clone())
                     }))
                     .map_err(backend_err)?;
-                if front.len() > 1 || !self.group_names.is_empty() {
-                    $chart
-                        .configure_series_labels()
-                        .label_font((FONT, 14))
-                        .background_style(WHITE.mix(0.85))
-                        .border_style(RGBColor(160, 160, 160))
-                        .position(SeriesLabelPosition::LowerRight)
-                        .draw()
-                        .map_err(backend_err)?;
-                }
             }};
         }
 
         if self.log_y {
             let (lo, hi) = pad_log(yr);
-            let mut chart = builder.build_cartesian_2d(xr.0..xr.1, (lo..hi).log_scale()).map_err(backend_err)?;
+            let y = (lo..hi).log_scale().with_key_points(log_ticks(lo, hi));
+            let mut chart = builder.build_cartesian_2d(xr.0..xr.1, y).map_err(backend_err)?;
             body!(chart);
         } else {
             let (lo, hi) = pad_linear(yr);

@@ -240,9 +240,20 @@ impl Report {
         Ok(files)
     }
 
+    /// The subtitle of the plots: the model, and for activation plots the calibration text and its length.
+    pub fn plot_subtitle(&self, activations: bool) -> String {
+        let name = |p: &Path| p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into());
+        let model = name(&self.model);
+        match (&self.calibration, activations) {
+            (Some(c), true) => format!("{model}, first {} tokens of {}", c.tokens, name(&c.text)),
+            _ => format!("{model}, weights"),
+        }
+    }
+
     /// Draws every plot into `dir` (SVG and PNG each).
     pub fn plots(&self, dir: &Path) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
+        let (sub_w, sub_a) = (self.plot_subtitle(false), self.plot_subtitle(true));
         let n = self.layers.len();
         let layers: Vec<String> = (0..n).map(|i| i.to_string()).collect();
 
@@ -255,6 +266,7 @@ impl Report {
         out.extend(plot::bar_chart(
             &BarChart {
                 title: "||K|| / ||V|| per layer (above 1: keys larger)".into(),
+                subtitle: if self.calibration.is_some() { sub_a.clone() } else { sub_w.clone() },
                 x_label: "layer".into(),
                 y_label: "ratio".into(),
                 categories: layers.clone(),
@@ -276,6 +288,7 @@ impl Report {
         out.extend(plot::line_chart(
             &LineChart {
                 title: "Weight norms per layer".into(),
+                subtitle: sub_w.clone(),
                 x_label: "layer".into(),
                 y_label: "norm".into(),
                 series: std::mem::take(&mut series),
@@ -312,6 +325,7 @@ impl Report {
                     out.extend(plot::line_chart(
                         &LineChart {
                             title: format!("Layer {}: singular values of {what}{from}", l.layer),
+                            subtitle: if kind == "w" { sub_w.clone() } else { sub_a.clone() },
                             x_label: "index".into(),
                             y_label: "singular value".into(),
                             series: s,
@@ -344,6 +358,7 @@ impl Report {
                         "max |K| per channel ({} RoPE), by layer",
                         if self.calibration.as_ref().is_some_and(|c| c.pre_rope) { "before" } else { "after" }
                     ),
+                    subtitle: sub_a.clone(),
                     x_label: "channel (KV heads side by side)".into(),
                     y_label: "layer".into(),
                     col_names,
@@ -380,6 +395,7 @@ impl Report {
                     out.extend(plot::heatmap(
                         &Heatmap {
                             title: format!("Relative error ||X - Q(X)||_F / ||X||_F of {}", name.to_uppercase()),
+                            subtitle: sub_a.clone(),
                             x_label: "bits".into(),
                             y_label: "layer".into(),
                             col_names: names.clone(),

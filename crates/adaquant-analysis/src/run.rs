@@ -18,12 +18,14 @@ use crate::study::{
 /// Command-line options of `adaquant analyze` and `cargo xtask analyze`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct AnalyzeArgs {
-    /// Model: a `.gguf` file or a Hugging Face folder.
-    #[arg(long, default_value_os_t = paths::default_model())]
-    pub model: PathBuf,
-    /// Calibration text (plain UTF-8); its first `--tokens` tokens are run through the model.
-    #[arg(long, default_value_os_t = paths::wikitext2_test())]
-    pub text: PathBuf,
+    /// Model: a `.gguf` file or a Hugging Face folder [default: <data>/models/SmolLM2-135M-Instruct.Q4_1.gguf,
+    /// <data> = $ADAQUANT_DATA, ./data, or data/ beside the executable].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Calibration text (plain UTF-8); its first `--tokens` tokens are run through the model [default:
+    /// <data>/wikitext-2-raw/wiki.test.raw].
+    #[arg(long)]
+    pub text: Option<PathBuf>,
     /// Number of calibration tokens.
     #[arg(long, default_value_t = 2048)]
     pub tokens: usize,
@@ -59,8 +61,8 @@ pub struct AnalyzeArgs {
 impl Default for AnalyzeArgs {
     fn default() -> Self {
         AnalyzeArgs {
-            model: paths::default_model(),
-            text: paths::wikitext2_test(),
+            model: None,
+            text: None,
             tokens: 2048,
             out: None,
             heads: None,
@@ -135,7 +137,7 @@ pub fn calibration_tokens(model: &Model, text: &Path, n: usize) -> Result<Vec<u3
     Ok(ids)
 }
 
-/// Runs the analysis and writes the report; returns the output folder.
+/// Runs the analysis and writes the report; returns the output folder (the caller prints it).
 pub fn run(args: &AnalyzeArgs) -> anyhow::Result<PathBuf> {
     Ok(run_typed(args)?)
 }
@@ -143,11 +145,29 @@ pub fn run(args: &AnalyzeArgs) -> anyhow::Result<PathBuf> {
 /// [`run`] with the crate's error type.
 pub fn run_typed(args: &AnalyzeArgs) -> Result<PathBuf> {
     let t0 = Instant::now();
-    if !args.model.exists() {
+    // Defaults are resolved now, at run time, from the data folder (see `adaquant_model::paths`).
+    let searched = || format!("data folders searched: {}; ", paths::data_search());
+    let model_path = args.model.clone().unwrap_or_else(paths::default_model);
+    let text_path = args.text.clone().unwrap_or_else(paths::wikitext2_test);
+    if !model_path.exists() {
         return Err(AnalysisError::Missing {
             what: "model".into(),
-            path: args.model.clone(),
-            hint: "pass --model FILE.gguf (or a Hugging Face folder), or run `cargo xtask fetch`".into(),
+            path: model_path,
+            hint: format!(
+                "{}pass --model FILE.gguf (or a Hugging Face folder), or run `cargo xtask fetch`",
+                if args.model.is_none() { searched() } else { String::new() }
+            ),
+        });
+    }
+    if !args.weights_only && !text_path.is_file() {
+        // Checked before the model is loaded.
+        return Err(AnalysisError::Missing {
+            what: "calibration text".into(),
+            path: text_path,
+            hint: format!(
+                "{}pass --text FILE, or run `cargo xtask fetch` for WikiText-2",
+                if args.text.is_none() { searched() } else { String::new() }
+            ),
         });
     }
     if !args.weights_only {
@@ -158,8 +178,8 @@ pub fn run_typed(args: &AnalyzeArgs) -> Result<PathBuf> {
             return Err(AnalysisError::InvalidArgument("--chunk must be positive".into()));
         }
     }
-    eprintln!("analyze: loading {}", args.model.display());
-    let model = Model::load(&args.model).map_err(model_err)?;
+    eprintln!("analyze: loading {}", model_path.display());
+    let model = Model::load(&model_path).map_err(model_err)?;
     let c = &model.config;
     let dims = Dims {
         n_layers: c.n_layers,
@@ -182,7 +202,7 @@ pub fn run_typed(args: &AnalyzeArgs) -> Result<PathBuf> {
             args.group, dims.head_dim
         )));
     }
-    let out = args.out.clone().unwrap_or_else(|| default_out(&args.model));
+    let out = args.out.clone().unwrap_or_else(|| default_out(&model_path));
     let mut timings = Timings { load_s: secs(t0), ..Timings::default() };
 
     let t = Instant::now();
@@ -200,7 +220,7 @@ pub fn run_typed(args: &AnalyzeArgs) -> Result<PathBuf> {
     let mut activations: Vec<Option<crate::study::ActivationLayer>> = vec![None; dims.n_layers];
     if !args.weights_only {
         let t = Instant::now();
-        let ids = calibration_tokens(&model, &args.text, args.tokens)?;
+        let ids = calibration_tokens(&model, &text_path, args.tokens)?;
         let mut cache =
             FullPrecisionCache::new(model.cache_shape(ids.len())).map_err(|e| AnalysisError::Model(e.to_string()))?;
         let mut cap = Capture {
@@ -239,7 +259,7 @@ pub fn run_typed(args: &AnalyzeArgs) -> Result<PathBuf> {
         activations = results.into_iter().map(Some).collect();
         timings.activations_s = secs(t);
         calibration = Some(Calibration {
-            text: args.text.clone(),
+            text: text_path.clone(),
             tokens: ids.len(),
             pre_rope: args.pre_rope,
             group: args.group,
@@ -259,7 +279,7 @@ pub fn run_typed(args: &AnalyzeArgs) -> Result<PathBuf> {
         }
     }
     timings.total_s = secs(t0);
-    let report = Report::new(args.model.clone(), dims, calibration, layers, timings);
+    let report = Report::new(model_path, dims, calibration, layers, timings);
     eprintln!("analyze: writing {}", out.display());
     if args.no_plots {
         report.write_data(&out)?;
@@ -269,7 +289,6 @@ pub fn run_typed(args: &AnalyzeArgs) -> Result<PathBuf> {
     for c in &report.claims {
         eprintln!("analyze: ||K|| > ||V|| ({}): {}", c.norm, c.sentence());
     }
-    println!("{}", out.display());
     Ok(out)
 }
 

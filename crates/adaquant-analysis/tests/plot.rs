@@ -221,11 +221,163 @@ fn value_format_and_colour_map() {
     assert_eq!(format_value(0.0), "0");
     assert_eq!(format_value(23.456), "23.5");
     assert_eq!(format_value(1.2345), "1.23");
-    assert_eq!(format_value(0.012345), "0.012");
+    assert_eq!(format_value(0.012345), "0.0123");
+    assert_eq!(format_value(0.0081749), "0.00817");
+    assert_eq!(format_value(0.195), "0.195");
     assert_eq!(format_value(123456.0), "1.23e5");
     assert_eq!(format_value(f64::NAN), "n/a");
     assert_eq!(viridis(0.0), RGBColor(68, 1, 84));
     assert_eq!(viridis(1.0), RGBColor(254, 232, 37));
     assert_eq!(viridis(-3.0), viridis(0.0));
     assert_eq!(viridis(2.0), viridis(1.0));
+}
+
+/// The `cx` of every `<circle>` in an SVG.
+fn circle_xs(svg: &str) -> Vec<f64> {
+    svg.split("<circle").skip(1).filter_map(|c| c.split("cx=\"").nth(1)?.split('"').next()?.parse().ok()).collect()
+}
+
+/// The text of every `<text>` element in an SVG.
+fn texts(svg: &str) -> Vec<String> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| Some(t.split_once('>')?.1.split("</text>").next()?.trim().to_string()))
+        .collect()
+}
+
+#[test]
+fn tick_labels_carry_no_float_noise() {
+    use adaquant_analysis::plot::tick_label;
+    assert_eq!(tick_label(0.30000000000000004), "0.3");
+    assert_eq!(tick_label(10.0), "10");
+    assert_eq!(tick_label(64.0), "64");
+    assert_eq!(tick_label(0.123456), "0.123");
+    assert_eq!(tick_label(12.345), "12.3");
+    assert_eq!(tick_label(0.05), "0.05");
+    assert_eq!(tick_label(2.5e-5), "2.5e-5");
+    assert_eq!(tick_label(1e-4), "1e-4");
+    assert_eq!(tick_label(-0.7000000000000001), "-0.7");
+    assert_eq!(tick_label(0.0), "0");
+}
+
+#[test]
+fn log_ticks_label_every_span() {
+    use adaquant_analysis::plot::log_ticks;
+    assert_eq!(log_ticks(1e-5, 10.0), [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]);
+    assert_eq!(log_ticks(0.01, 1.0), [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]);
+    let narrow = log_ticks(0.238, 0.47);
+    assert!(narrow.len() >= 3 && narrow.iter().all(|&v| (0.238..=0.47).contains(&v)), "{narrow:?}");
+    let tiny = log_ticks(23.5, 24.1);
+    assert!(tiny.len() >= 3 && tiny.iter().all(|&v| (23.5..=24.1).contains(&v)), "{tiny:?}");
+    assert!(log_ticks(0.0, 1.0).is_empty());
+}
+
+#[test]
+fn scatter_legend_sits_beside_the_plot_and_lists_only_drawn_groups() {
+    let dir = out_dir("legend");
+    // A log axis spanning less than a decade (the KL plot) and a point in the upper right corner, where
+    // the old legend sat.
+    let points: Vec<ScatterPoint> = [(10.0, 0.25, 1), (11.0, 0.3, 1), (12.0, 0.41, 2), (14.4, 0.45, 1)]
+        .iter()
+        .map(|&(x, y, group)| ScatterPoint { x, y, label: Some(format!("p{x}")), group })
+        .collect();
+    let chart = Scatter {
+        title: "mean KL vs bits per element".into(),
+        subtitle: "toy model on toy text".into(),
+        points,
+        group_names: vec!["full".into(), "fixed".into(), "budget".into()],
+        pareto: Some(ParetoGoal::MinimizeY),
+        log_y: true,
+        ..Scatter::default()
+    };
+    let [svg, _] = scatter_pareto(&chart, &dir.join("legend")).unwrap();
+    let s = read_svg(&svg);
+    let t = texts(&s);
+    assert!(t.iter().any(|x| x == "toy model on toy text"), "{t:?}");
+    assert!(t.iter().any(|x| x == "fixed") && t.iter().any(|x| x == "budget"), "{t:?}");
+    assert!(!t.iter().any(|x| x == "full"), "no full-precision point, no legend entry: {t:?}");
+    for x in &t {
+        assert!(!x.contains("0000000") && !x.contains("9999999"), "float noise in a label: {x}");
+    }
+    // Less than a decade on a log axis still gets labelled ticks.
+    for want in ["0.3", "0.4"] {
+        assert!(t.iter().any(|x| x == want), "no {want} tick: {t:?}");
+    }
+    // Four data points left of the legend column, two legend dots in it (the front is a line).
+    let xs = circle_xs(&s);
+    assert_eq!(xs.len(), 6, "{xs:?}");
+    let legend_left = xs.iter().cloned().fold(f64::MIN, f64::max) - 20.0;
+    let data: Vec<f64> = xs.iter().cloned().filter(|&x| x < legend_left).collect();
+    assert_eq!(data.len(), 4, "{xs:?}");
+    let legend_texts_x: Vec<f64> = s
+        .split("<text")
+        .filter(|e| e.contains(">fixed<") || e.contains(">Pareto front<"))
+        .filter_map(|e| e.split("x=\"").nth(1)?.split('"').next()?.parse().ok())
+        .collect();
+    let rightmost_point = data.iter().cloned().fold(f64::MIN, f64::max);
+    assert!(legend_texts_x.iter().all(|&x| x > rightmost_point + 5.0), "{legend_texts_x:?} vs {rightmost_point}");
+    // A reference line (the full-precision value) is drawn and named in the legend; on a log axis it must be
+    // positive like the points.
+    let with_ref = Scatter { reference: Some((0.2, "full precision".into())), ..chart.clone() };
+    let [svg, _] = scatter_pareto(&with_ref, &dir.join("reference")).unwrap();
+    assert!(texts(&read_svg(&svg)).iter().any(|x| x == "full precision"));
+    let bad = Scatter { reference: Some((0.0, "zero".into())), ..chart };
+    assert!(matches!(scatter_pareto(&bad, &dir.join("bad")), Err(PlotError::NonPositiveOnLog { .. })));
+}
+
+#[test]
+fn heatmap_explains_its_outline_and_line_charts_label_integers() {
+    let dir = out_dir("keys");
+    let chart = Heatmap {
+        title: "KL".into(),
+        subtitle: "model on text".into(),
+        col_names: vec!["2".into(), "4".into()],
+        row_names: vec!["2".into(), "4".into()],
+        values: vec![vec![1.0, 0.5], vec![0.9, 0.1]],
+        mark_diagonal: true,
+        diagonal_label: "K = V".into(),
+        ..Heatmap::default()
+    };
+    let [svg, png] = heatmap(&chart, &dir.join("heat")).unwrap();
+    let t = texts(&read_svg(&svg));
+    assert!(t.iter().any(|x| x == "K = V") && t.iter().any(|x| x == "model on text"), "{t:?}");
+    decode_png(&png, chart.size);
+    let x: Vec<f64> = (1..=64).map(f64::from).collect();
+    let y: Vec<f64> = x.iter().map(|i| 10.0 / i).collect();
+    let line = LineChart { log_y: true, series: vec![Series::new("K", x, y)], ..LineChart::default() };
+    let [svg, _] = line_chart(&line, &dir.join("spectrum")).unwrap();
+    let t = texts(&read_svg(&svg));
+    assert!(t.iter().any(|x| x == "10") && !t.iter().any(|x| x.ends_with(".0")), "{t:?}");
+}
+
+#[test]
+fn point_labels_avoid_each_other_and_the_points() {
+    use adaquant_analysis::plot::place_labels;
+    type Box4 = (i32, i32, i32, i32);
+    let overlap = |a: Box4, b: Box4| a.0 < b.2 && b.0 < a.2 && a.1 < b.3 && b.1 < a.3;
+    // Points sharing a place (K3V3 and K4V2 at 10.625 bits) in a crowded row, with seeded jitter.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for n in [2usize, 3, 5, 8] {
+        let pts: Vec<(i32, i32)> = (0..n)
+            .map(|i| (200 + 40 * (i as i32 / 2) + rng.random_range(0..3), 300 + rng.random_range(0..3)))
+            .collect();
+        let sizes = vec![(35, 12); n];
+        let offs = place_labels(&pts, &sizes);
+        let b: Vec<Box4> = pts
+            .iter()
+            .zip(&sizes)
+            .zip(&offs)
+            .map(|((&(x, y), &(w, h)), &(dx, dy))| (x + dx, y + dy, x + dx + w, y + dy + h))
+            .collect();
+        for i in 0..n {
+            for j in 0..i {
+                assert!(!overlap(b[i], b[j]), "n {n}: labels {i} and {j} overlap: {b:?}");
+            }
+            for (k, &(x, y)) in pts.iter().enumerate() {
+                assert!(k == i || !overlap(b[i], (x - 6, y - 6, x + 6, y + 6)), "n {n}: label {i} covers point {k}");
+            }
+        }
+    }
+    // A lone point keeps the first place: up and to the right.
+    assert_eq!(place_labels(&[(10, 10)], &[(20, 12)]), [(6, -16)]);
 }

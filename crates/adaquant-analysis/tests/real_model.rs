@@ -102,7 +102,7 @@ fn weight_norms_match_numpy_on_the_gguf_tensors() {
 
 #[test]
 fn bad_inputs_give_clear_errors() {
-    let missing = AnalyzeArgs { model: "/nonexistent/model.gguf".into(), ..AnalyzeArgs::default() };
+    let missing = AnalyzeArgs { model: Some("/nonexistent/model.gguf".into()), ..AnalyzeArgs::default() };
     let e = run_typed(&missing).unwrap_err();
     assert!(matches!(e, AnalysisError::Missing { .. }), "{e}");
     assert!(e.to_string().contains("/nonexistent/model.gguf"));
@@ -111,9 +111,23 @@ fn bad_inputs_give_clear_errors() {
     std::fs::create_dir_all(&dir).unwrap();
     let corrupt = dir.join("corrupt.gguf");
     std::fs::write(&corrupt, b"GGUF but not really a model").unwrap();
-    let e =
-        run_typed(&AnalyzeArgs { model: corrupt, out: Some(dir.join("out")), ..AnalyzeArgs::default() }).unwrap_err();
+    let e = run_typed(&AnalyzeArgs {
+        model: Some(corrupt.clone()),
+        weights_only: true,
+        out: Some(dir.join("out")),
+        ..AnalyzeArgs::default()
+    })
+    .unwrap_err();
     assert!(matches!(e, AnalysisError::Model(_)), "{e}");
+    // A missing calibration text is reported before the model is loaded (here it would fail to load).
+    let e = run_typed(&AnalyzeArgs {
+        model: Some(corrupt.clone()),
+        text: Some(dir.join("absent.txt")),
+        out: Some(dir.join("out")),
+        ..AnalyzeArgs::default()
+    })
+    .unwrap_err();
+    assert!(matches!(&e, AnalysisError::Missing { what, .. } if what == "calibration text"), "{e}");
 
     let Some(path) = paths::require(paths::default_model(), "bad_inputs_give_clear_errors") else {
         return;
@@ -127,7 +141,7 @@ fn bad_inputs_give_clear_errors() {
     assert!(matches!(e, AnalysisError::Missing { .. }), "{e}");
     let ids = calibration_tokens(&model, &short, 3).unwrap();
     assert_eq!(ids.len(), 3);
-    let e = run_typed(&AnalyzeArgs { model: path, heads: Some(vec![3]), ..AnalyzeArgs::default() }).unwrap_err();
+    let e = run_typed(&AnalyzeArgs { model: Some(path), heads: Some(vec![3]), ..AnalyzeArgs::default() }).unwrap_err();
     assert!(matches!(e, AnalysisError::InvalidArgument(_)), "{e}");
 }
 
@@ -144,8 +158,8 @@ fn short_end_to_end_run_on_the_real_model() {
     };
     let out = std::env::temp_dir().join(format!("adaquant-analysis-e2e-{}", std::process::id()));
     let args = AnalyzeArgs {
-        model,
-        text,
+        model: Some(model),
+        text: Some(text),
         tokens: 96,
         out: Some(out.clone()),
         heads: Some(vec![0, 2]),

@@ -9,7 +9,8 @@ use adaquant_eval::cli;
 #[command(
     name = "adaquant",
     version,
-    about = "Mixed-precision KV-cache quantization: more bits for keys, fewer for values"
+    about = "Mixed-precision KV-cache quantization: more bits for keys, fewer for values",
+    after_help = format!("Run `adaquant <command> --help` for examples.\n\n{}", cli::DATA_HELP)
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,14 +26,20 @@ struct Cli {
 enum Command {
     /// Evaluate a grid of cache configurations (K x V bits, layouts, budgets) against the full-precision cache;
     /// resumable and shardable. With no arguments: the paper's key points and a budget-4 allocation.
+    #[command(after_help = format!("{}\n\n{}", cli::SWEEP_EXAMPLES, cli::DATA_HELP))]
     Sweep(Box<cli::SweepArgs>),
     /// Norms and spectra of W_K/W_V and of K/V activations; writes report.json/md, plots and sensitivities.json.
+    #[command(after_help = format!("{}\n\n{}", cli::ANALYZE_EXAMPLES, cli::DATA_HELP))]
     Analyze(Box<adaquant_analysis::AnalyzeArgs>),
-    /// Greedy generation through any cache configuration.
+    /// Greedy generation through any cache configuration; says how much of the cache was quantized.
+    #[command(after_help = format!("{}\n\n{}\n\n{}", cli::GENERATE_EXAMPLES, cli::CACHE_HELP, cli::DATA_HELP))]
     Generate(Box<adaquant_model::generate::GenerateArgs>),
-    /// Perplexity (llama.cpp protocol) of one cache configuration, optionally with KL against the f32 cache.
+    /// Perplexity (llama.cpp protocol) of one cache configuration; with --kl also KL and top-1 against the f32
+    /// cache.
+    #[command(after_help = format!("{}\n\n{}\n\n{}", cli::PPL_EXAMPLES, cli::CACHE_HELP, cli::DATA_HELP))]
     Ppl(Box<cli::PplArgs>),
     /// HellaSwag, ARC-Easy, LAMBADA and passkey accuracy of one cache configuration.
+    #[command(after_help = format!("{}\n\n{}\n\n{}", cli::TASKS_EXAMPLES, cli::CACHE_HELP, cli::DATA_HELP))]
     EvalTasks(Box<cli::TasksArgs>),
     /// Prompt and decoding speed at given cache depths, per cache configuration (after llama-bench).
     Bench(Box<adaquant_eval::bench::BenchArgs>),

@@ -18,7 +18,9 @@
 
 use std::time::Instant;
 
+use adaquant_cache::config::{Precision, QuantCacheConfig};
 use adaquant_cache::KvCache;
+use adaquant_kernels::GroupAxis;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -131,6 +133,46 @@ impl TextEvalSpec {
             )));
         }
         Ok(tokens.chunks_exact(self.ctx).take(self.windows).collect())
+    }
+}
+
+/// The smallest number of tokens at which a side with these settings holds a quantized token: per-token groups
+/// flush one token as soon as `sinks + residual` are exceeded, per-channel groups wait for a whole group of tokens
+/// beyond them (see [`Precision::quantized_tokens`], which [`first_quantized_len_ref`] searches).
+pub fn first_quantized_len(axis: GroupAxis, group: usize, residual: usize, sinks: usize) -> usize {
+    match axis {
+        GroupAxis::PerToken => sinks + residual + 1,
+        GroupAxis::PerChannel => sinks + residual + group.max(1),
+    }
+}
+
+/// Slow twin of [`first_quantized_len`]: the first length at which [`Precision::quantized_tokens`] is non-zero,
+/// found by trying every length up to `limit` (`None` when none is).
+pub fn first_quantized_len_ref(p: &Precision, residual: usize, sinks: usize, limit: usize) -> Option<usize> {
+    (0..=limit).find(|&t| p.quantized_tokens(t, residual, sinks) > 0)
+}
+
+/// The smallest cache length at which any layer of `config` holds a quantized key or value (`None` when every
+/// side is unquantized).
+pub fn config_first_quantized_len(config: &QuantCacheConfig) -> Option<usize> {
+    config
+        .layers
+        .iter()
+        .flat_map(|l| [l.k, l.v])
+        .filter_map(|p| p.spec().map(|s| first_quantized_len(s.axis, s.group, config.residual, config.sinks)))
+        .min()
+}
+
+impl TextEvalSpec {
+    /// Scored positions per window whose history holds at least one quantized token, for a cache that first
+    /// quantizes a token at length `first_len` (`None`: never). Position `p` of a window is scored with `p + 1`
+    /// tokens in the cache (decode-faithful), so it sees a quantized token when `p + 1 >= first_len`.
+    /// With 0 the cache behaved exactly like the full-precision one: the exact window and sinks covered the whole
+    /// window.
+    pub fn scored_with_quantized_history(&self, first_len: Option<usize>) -> usize {
+        let Some(len) = first_len else { return 0 };
+        let end = self.first() + self.scored_per_window();
+        end.saturating_sub(self.first().max(len.saturating_sub(1)))
     }
 }
 
@@ -413,6 +455,47 @@ mod tests {
         assert_eq!((spec.first(), spec.scored_per_window()), (4, 3));
         assert!(TextEvalSpec { ctx: 8, windows: 3, topk: 0 }.windows(&tokens).is_err());
         assert!(TextEvalSpec { ctx: 2, windows: 1, topk: 0 }.windows(&tokens).is_err());
+    }
+
+    #[test]
+    fn quantized_history_counts_match_the_cache_and_a_brute_force_count() {
+        use adaquant_cache::config::{LayerPrecision, Precision};
+        use adaquant_cache::CacheSpec;
+        use adaquant_kernels::Bits;
+        // Closed form against the search over Precision::quantized_tokens, on awkward sizes.
+        for (axis, group) in [(GroupAxis::PerToken, 16), (GroupAxis::PerChannel, 16), (GroupAxis::PerChannel, 7)] {
+            let p = Precision::Quant(adaquant_kernels::QuantSpec::new(Bits::B4, group, axis));
+            for residual in [0, 1, 13, 32, 100] {
+                for sinks in [0, 3] {
+                    let want = first_quantized_len_ref(&p, residual, sinks, 400);
+                    assert_eq!(Some(first_quantized_len(axis, group, residual, sinks)), want, "{axis:?} g{group}");
+                }
+            }
+        }
+        // The count per window against a token-by-token run of a real cache: position p is scored after p + 1
+        // appends, and counts when the cache then holds packed codes.
+        let lm = ToyLm::small(4);
+        let shape = lm.cache_shape(64);
+        for (residual, sinks, ctx) in [(8, 0, 40), (19, 2, 40), (128, 0, 40), (0, 0, 41), (20, 0, 40)] {
+            let layer = LayerPrecision::new(Precision::per_token(Bits::B4, 16), Precision::Full);
+            let spec = CacheSpec::Uniform { layer, residual, sinks };
+            let config = spec.quant_config(shape.n_layers).unwrap().unwrap();
+            let text = TextEvalSpec { ctx, windows: 1, topk: 0 };
+            let mut cache = spec.build(shape.clone()).unwrap();
+            let mut brute = 0;
+            for p in 0..ctx - 1 {
+                lm.forward(&[(p % 60) as u32], cache.as_mut(), 0).unwrap();
+                if p >= text.first() && crate::tasks::holds_quantized(cache.as_ref()) {
+                    brute += 1;
+                }
+            }
+            let n = text.scored_with_quantized_history(config_first_quantized_len(&config));
+            assert_eq!(n, brute, "residual {residual} sinks {sinks} ctx {ctx}");
+        }
+        let text = TextEvalSpec { ctx: 100, windows: 1, topk: 0 };
+        assert_eq!(text.scored_with_quantized_history(None), 0);
+        assert_eq!(text.scored_with_quantized_history(Some(129)), 0, "the issue's --ctx 100 --residual 128");
+        assert_eq!(text.scored_with_quantized_history(Some(1)), text.scored_per_window());
     }
 
     #[test]

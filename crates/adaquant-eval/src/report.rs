@@ -1,54 +1,169 @@
 //! Result tables (Markdown, sorted by KL divergence) and plots (SVG and PNG) of sweep records.
 //!
-//! Records are grouped by evaluation settings (model, window, number of windows, reference top-k, and the rest of
-//! the recorded `settings`: model and text contents, tasks): only numbers measured the same way share a table or a
-//! plot. `table.md` and every plot are written to a temporary file in the same folder and renamed into place, so a
-//! reader never sees a half-written file. Plots per settings group:
-//! - `heatmap-ppl-<layout>` and `heatmap-kl-<layout>`: fixed-split points on the K-bits by V-bits grid, one pair
-//!   per quantization layout, axes over the union of the widths so the marked diagonal is K = V;
-//! - `ppl-vs-bits`, `kl-vs-bits`, `top1-vs-bits` and `<task>-vs-bits`: every point against its measured bits per
-//!   element, with the Pareto front.
+//! Records are grouped by evaluation settings (model, text, window, number of windows, reference top-k): only
+//! numbers measured the same way share a table or a plot. Every table heading and plot subtitle names the model, the
+//! text and the window settings, and every plot file name starts with the same settings (see [`Settings::slug`]),
+//! so files from runs with other settings sit side by side and a rerun rewrites exactly its own files.
+//! `table.md`, `plots.md` and every plot are written to a temporary file in the same folder and renamed into place,
+//! so a reader never sees a half-written file.
+//! `plots.md` lists each group's files under its heading. Plots per settings group:
+//! - `<slug>-heatmap-ppl-<layout>` and `<slug>-heatmap-kl-<layout>`: fixed-split points on the K-bits by V-bits
+//!   grid, one pair per quantization layout, axes over the union of the widths so the outlined diagonal is K = V;
+//! - `<slug>-ppl-vs-bits`, `-kl-vs-bits`, `-top1-vs-bits` and `-<task>-vs-bits`: every point against its measured
+//!   bits per element, with the Pareto front.
+//!
+//! Rows whose exact window and sinks covered every scored position quantized nothing: they are marked ‡ (their
+//! numbers equal the full-precision cache's by construction), as task accuracies that never reached the quantized
+//! cache are marked †.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use adaquant_analysis::plot::{heatmap, scatter_pareto, Heatmap, ParetoGoal, Scatter, ScatterPoint};
+use adaquant_kernels::GroupAxis;
 
 use crate::error::{EvalError, Result};
+use crate::metrics::{first_quantized_len, TextEvalSpec};
 use crate::results::PointResult;
 
-/// Identity of the evaluation settings of a record.
-type Settings = (String, usize, usize, usize, String);
+/// The tracked manifest of data files, used to name the text of records written before the text was recorded.
+const MANIFEST: &str = include_str!("../../../data/manifest.json");
 
-fn settings(r: &PointResult) -> Settings {
-    (r.model.clone(), r.ctx, r.windows, r.ref_topk, r.settings.clone())
+/// The name of the text a record was measured on: the recorded file name, else the manifest's file whose sha256
+/// matches, else `text <sha256 prefix>`.
+pub fn text_name(r: &PointResult) -> String {
+    if !r.text.is_empty() {
+        return r.text.clone();
+    }
+    let known = serde_json::from_str::<serde_json::Value>(MANIFEST).ok().and_then(|m| {
+        m["files"].as_array()?.iter().find(|f| f["sha256"].as_str() == Some(r.data_sha256.as_str())).and_then(|f| {
+            let path = f["path"].as_str()?;
+            Some(path.rsplit('/').next().unwrap_or(path).to_string())
+        })
+    });
+    known.unwrap_or_else(|| {
+        if r.data_sha256.is_empty() {
+            "unknown text".into()
+        } else {
+            format!("text {}", r.data_sha256.chars().take(8).collect::<String>())
+        }
+    })
 }
 
-fn settings_title(s: &Settings) -> String {
-    let topk = if s.3 == 0 { "exact KL".to_string() } else { format!("KL over reference top-{}", s.3) };
-    format!("{}, {} windows of {} tokens ({} scored tokens), {}", s.0, s.2, s.1, s.2 * (s.1 / 2 - 1), topk)
+/// The evaluation settings a record was measured with; records share a table and plots only when these agree.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Settings {
+    pub model: String,
+    pub text: String,
+    pub ctx: usize,
+    pub windows: usize,
+    pub ref_topk: usize,
+    /// Everything else that changes a number (model and text contents, tasks), as recorded with each result.
+    pub content: String,
 }
 
-/// Records grouped by settings, each with its title; groups whose titles would read the same (another text, say)
-/// get the short hash of their settings appended.
-fn groups(records: &[PointResult]) -> Vec<(Settings, String, Vec<&PointResult>)> {
+impl Settings {
+    /// The settings of a record.
+    pub fn of(r: &PointResult) -> Settings {
+        Settings {
+            model: r.model.clone(),
+            text: text_name(r),
+            ctx: r.ctx,
+            windows: r.windows,
+            ref_topk: r.ref_topk,
+            content: r.settings.clone(),
+        }
+    }
+
+    fn spec(&self) -> TextEvalSpec {
+        TextEvalSpec { ctx: self.ctx, windows: self.windows, topk: self.ref_topk }
+    }
+
+    /// Scored tokens over all windows.
+    pub fn scored(&self) -> usize {
+        self.windows * self.spec().scored_per_window()
+    }
+
+    /// `SmolLM2-135M-Instruct.Q4_1.gguf on wiki.test.raw, 8 windows of 512 tokens (2040 scored tokens), KL over
+    /// reference top-256`: the heading of a table.
+    pub fn title(&self) -> String {
+        format!("{} on {}, {}", self.model, self.text, self.windows_text())
+    }
+
+    fn windows_text(&self) -> String {
+        let topk = if self.ref_topk == 0 {
+            "exact KL".to_string()
+        } else {
+            format!("KL over reference top-{}", self.ref_topk)
+        };
+        format!(
+            "{} of {} tokens ({} scored tokens), {topk}",
+            crate::cli::plural(self.windows, "window"),
+            self.ctx,
+            self.scored()
+        )
+    }
+
+    /// The short subtitle of a plot: model, text and windows.
+    pub fn subtitle(&self) -> String {
+        format!(
+            "{} on {}, {} of {} tokens{}",
+            self.model,
+            self.text,
+            crate::cli::plural(self.windows, "window"),
+            self.ctx,
+            if self.ref_topk == 0 { ", exact KL".to_string() } else { format!(", KL top-{}", self.ref_topk) }
+        )
+    }
+
+    /// The start of every plot file name of this group: model and text stems, window, windows, reference top-k,
+    /// e.g. `SmolLM2-135M-Instruct.Q4_1-wiki.test-ctx512-w8-top256`. It depends on nothing but the settings, so it
+    /// never goes stale when another run with other settings writes into the same folder.
+    pub fn slug(&self) -> String {
+        let stem = |s: &str| {
+            let s = s.rsplit('/').next().unwrap_or(s);
+            let s = s.strip_suffix(".gguf").or_else(|| s.strip_suffix(".raw")).or_else(|| s.strip_suffix(".txt"));
+            s.unwrap_or_default().to_string()
+        };
+        let (model, text) = (stem(&self.model), stem(&self.text));
+        let model = if model.is_empty() { self.model.clone() } else { model };
+        let text = if text.is_empty() { self.text.clone() } else { text };
+        let raw = format!("{model}-{text}-ctx{}-w{}-top{}", self.ctx, self.windows, self.ref_topk);
+        raw.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' }).collect()
+    }
+}
+
+/// A group of records measured the same way: its settings, table heading, plot-file prefix and records.
+struct Group<'a> {
+    settings: Settings,
+    title: String,
+    slug: String,
+    records: Vec<&'a PointResult>,
+}
+
+/// Records grouped by settings, each with its title and file prefix; groups whose titles would read the same
+/// (another model file with the same name, other task items, say) get the short hash of their recorded settings
+/// appended to both.
+fn groups(records: &[PointResult]) -> Vec<Group<'_>> {
     let mut groups: BTreeMap<Settings, Vec<&PointResult>> = BTreeMap::new();
     for r in records {
-        groups.entry(settings(r)).or_default().push(r);
+        groups.entry(Settings::of(r)).or_default().push(r);
     }
     let mut titles: BTreeMap<String, usize> = BTreeMap::new();
     for s in groups.keys() {
-        *titles.entry(settings_title(s)).or_default() += 1;
+        *titles.entry(s.title()).or_default() += 1;
     }
     groups
         .into_iter()
-        .map(|(s, rs)| {
-            let mut title = settings_title(&s);
+        .map(|(s, records)| {
+            let (mut title, mut slug) = (s.title(), s.slug());
             if titles[&title] > 1 {
-                title.push_str(&format!(", settings {}", crate::sweep::short_sha(s.4.as_bytes())));
+                let h = crate::sweep::short_sha(s.content.as_bytes());
+                title.push_str(&format!(", settings {h}"));
+                slug.push_str(&format!("-{h}"));
             }
-            (s, title, rs)
+            Group { settings: s, title, slug, records }
         })
         .collect()
 }
@@ -76,6 +191,14 @@ fn short_axis(a: &str) -> &str {
     }
 }
 
+fn axis_of(a: &str) -> GroupAxis {
+    if a == "per_channel" {
+        GroupAxis::PerChannel
+    } else {
+        GroupAxis::PerToken
+    }
+}
+
 fn bits_label(b: f64) -> String {
     if (b - b.round()).abs() < 1e-9 {
         format!("{}", b as i64)
@@ -84,16 +207,42 @@ fn bits_label(b: f64) -> String {
     }
 }
 
+/// A side's width in a table: `f32` for the full-precision point (its cache holds f32), the width otherwise.
+fn side_label(r: &PointResult, bits: f64) -> String {
+    if r.policy == "full" {
+        "f32".into()
+    } else {
+        bits_label(bits)
+    }
+}
+
+/// Scored tokens of a record whose history held a quantized key or value (`None` for the full-precision point),
+/// from its layout and window settings.
+pub fn quantized_scored(r: &PointResult) -> Option<usize> {
+    if r.policy == "full" {
+        return None;
+    }
+    let quantized = |avg: f64, layers: &[f64]| avg < 16.0 - 1e-9 || layers.iter().any(|&b| b < 16.0 - 1e-9);
+    let first = [(quantized(r.k_bits, &r.layer_k_bits), &r.k_axis), (quantized(r.v_bits, &r.layer_v_bits), &r.v_axis)]
+        .into_iter()
+        .filter(|(q, _)| *q)
+        .map(|(_, axis)| first_quantized_len(axis_of(axis), r.group_size, r.residual, r.sinks))
+        .min();
+    let spec = TextEvalSpec { ctx: r.ctx, windows: r.windows, topk: r.ref_topk };
+    Some(r.windows * spec.scored_with_quantized_history(first))
+}
+
 /// The Markdown table of `records`, one section per settings group, rows sorted by mean KL.
 pub fn markdown_table(records: &[PointResult]) -> String {
     let mut out = String::new();
-    for (_, title, mut rs) in groups(records) {
+    for Group { settings: s, title, records: mut rs, .. } in groups(records) {
         rs.sort_by(|a, b| a.kl_mean.total_cmp(&b.kl_mean).then(a.bits_per_element.total_cmp(&b.bits_per_element)));
         let base = rs.iter().find(|r| r.policy == "full").map(|r| r.ppl);
         let task_names: BTreeSet<&str> = rs.iter().flat_map(|r| r.tasks.keys().map(String::as_str)).collect();
         let _ = writeln!(out, "### {title}\n");
-        let mut head = "| config | policy | K bits | V bits | layout | bits/elt | KV KiB | PPL | dPPL | KL mean | KL p99 | top-1 |".to_string();
-        let mut rule = "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |".to_string();
+        let mut head = "| config | policy | K bits | V bits | layout | bits/elt | KV KiB | quantized | PPL | dPPL | KL mean | KL p99 | top-1 |".to_string();
+        let mut rule =
+            "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |".to_string();
         for t in &task_names {
             let _ = write!(head, " {t} |");
             rule.push_str(" ---: |");
@@ -102,18 +251,28 @@ pub fn markdown_table(records: &[PointResult]) -> String {
         rule.push_str(" ---: |");
         let _ = writeln!(out, "{head}\n{rule}");
         let mut footnote = false;
+        let mut unquantized_rows = false;
         for r in rs {
             let dppl = base.map_or("-".into(), |b| format!("{:+.3}", r.ppl - b));
+            let quantized = match quantized_scored(r) {
+                None => "-".to_string(),
+                Some(0) => {
+                    unquantized_rows = true;
+                    "0% ‡".to_string()
+                }
+                Some(q) => format!("{:.0}%", 100.0 * q as f64 / s.scored().max(1) as f64),
+            };
             let _ = write!(
                 out,
-                "| {} | {} | {} | {} | {} | {:.3} | {:.1} | {:.3} ± {:.3} | {} | {:.5} | {:.4} | {:.4} |",
+                "| {} | {} | {} | {} | {} | {:.3} | {:.1} | {} | {:.3} ± {:.3} | {} | {:.5} | {:.4} | {:.4} |",
                 r.name,
                 r.policy,
-                bits_label(r.k_bits),
-                bits_label(r.v_bits),
+                side_label(r, r.k_bits),
+                side_label(r, r.v_bits),
                 layout(r),
                 r.bits_per_element,
                 r.kv_bytes as f64 / 1024.0,
+                quantized,
                 r.ppl,
                 r.ppl_stderr,
                 dppl,
@@ -134,6 +293,18 @@ pub fn markdown_table(records: &[PointResult]) -> String {
             }
             let _ = writeln!(out, " {:.0} |", r.tokens_per_s);
         }
+        out.push_str(
+            "\n`quantized`: the share of scored tokens whose history held quantized keys or values (the rest saw \
+             only the exact window and sinks). The f32 row is the full-precision reference; its bits per element \
+             count f32 keys and values.\n",
+        );
+        if unquantized_rows {
+            out.push_str(
+                "\n‡ Nothing was quantized for any scored token: the exact window (`r`) and sinks cover the whole \
+                 text window, so this row equals the full-precision cache by construction. Rerun with a `--residual` \
+                 below half the window (`--ctx`) to measure it.\n",
+            );
+        }
         if footnote {
             out.push_str(
                 "\n† No prompt of this task reached the quantized part of the cache (all shorter than the exact window \
@@ -149,6 +320,8 @@ pub fn markdown_table(records: &[PointResult]) -> String {
 #[derive(Clone, Debug, Default)]
 pub struct ReportFiles {
     pub table: PathBuf,
+    /// `plots.md`: every plot file under the heading of the settings it shows.
+    pub index: PathBuf,
     pub plots: Vec<PathBuf>,
 }
 
@@ -215,17 +388,22 @@ fn plot_atomic(
     Ok(finals)
 }
 
-/// Writes `table.md` and the plots of `records` into `dir`, each atomically.
+/// Writes `table.md`, the plots of `records` and `plots.md` (which file shows which settings) into `dir`, each
+/// atomically.
 pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> {
     std::fs::create_dir_all(dir).map_err(|e| EvalError::io(dir, e))?;
     let table = dir.join("table.md");
     write_atomic(&table, markdown_table(records).as_bytes())?;
-    let mut files = ReportFiles { table, plots: Vec::new() };
-    let groups = groups(records);
-    let multi = groups.len() > 1;
-    for (gi, (s, _, rs)) in groups.iter().enumerate() {
-        let prefix = if multi { format!("s{gi}-") } else { String::new() };
-        let sub = format!("ctx {} x {} windows", s.1, s.2);
+    let mut files = ReportFiles { table, index: dir.join("plots.md"), plots: Vec::new() };
+    let mut index = String::from(
+        "# Plots\n\nEach file name starts with the model, text and window settings it shows; the table of the same \
+         settings is in `table.md`.\n",
+    );
+    for g in groups(records) {
+        let (s, rs) = (&g.settings, &g.records);
+        let prefix = format!("{}-", g.slug);
+        let sub = s.subtitle();
+        let first_plot = files.plots.len();
         // Heatmaps per layout of the fixed-split points.
         let mut layouts: BTreeMap<String, Vec<&PointResult>> = BTreeMap::new();
         for r in rs.iter().filter(|r| r.policy == "fixed") {
@@ -243,7 +421,8 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
                 let names: Vec<String> = axis.iter().map(|&b| bits_label(b)).collect();
                 let positive = grid.iter().flatten().filter(|v| v.is_finite()).all(|&v| v > 0.0);
                 let chart = Heatmap {
-                    title: format!("{name}, {} ({sub})", layout(lrs[0])),
+                    title: format!("{name} by key and value bits, layout {}", layout(lrs[0])),
+                    subtitle: sub.clone(),
                     x_label: "key bits".into(),
                     y_label: "value bits".into(),
                     col_names: names.clone(),
@@ -251,6 +430,7 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
                     values: grid,
                     cell_labels: true,
                     mark_diagonal: true,
+                    diagonal_label: "K = V".into(),
                     log_color: metric == "kl" && positive,
                     color_label: name.into(),
                     ..Heatmap::default()
@@ -262,14 +442,23 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
         }
         // Metrics against bits per element with the Pareto front.
         let policies: Vec<&str> = vec!["full", "fixed", "budget"];
+        // The full-precision point sits at 32 bits per element, far right of every quantized point; it is drawn
+        // as a dashed reference line instead, so the quantized points keep the whole x axis.
+        let full = rs.iter().find(|r| r.policy == "full");
         let mut scatter = |metric: &str,
                            title: &str,
                            goal: ParetoGoal,
                            log_y: bool,
                            f: &dyn Fn(&PointResult) -> Option<f64>|
          -> Result<()> {
+            let reference = full
+                .filter(|_| rs.iter().any(|r| r.policy != "full"))
+                .and_then(|r| f(r))
+                .filter(|y| y.is_finite() && (!log_y || *y > 0.0))
+                .map(|y| (y, format!("full precision (f32), {}", adaquant_analysis::plot::format_value(y))));
             let points: Vec<ScatterPoint> = rs
                 .iter()
+                .filter(|r| r.policy != "full" || reference.is_none())
                 .filter_map(|r| {
                     let y = f(r)?;
                     (y.is_finite() && (!log_y || y > 0.0)).then(|| ScatterPoint {
@@ -280,16 +469,18 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
                     })
                 })
                 .collect();
-            if points.len() < 2 {
+            if points.is_empty() || points.len() + usize::from(reference.is_some()) < 2 {
                 return Ok(());
             }
             let chart = Scatter {
-                title: format!("{title} vs bits per element ({sub})"),
+                title: format!("{title} vs bits per element"),
+                subtitle: sub.clone(),
                 x_label: "bits per K/V element (measured, metadata and exact window included)".into(),
                 y_label: title.into(),
                 points,
-                group_names: policies.iter().map(|s| s.to_string()).collect(),
+                group_names: vec!["full precision (f32)".into(), "fixed K/V split".into(), "budget solver".into()],
                 pareto: Some(goal),
+                reference,
                 log_y,
                 ..Scatter::default()
             };
@@ -298,7 +489,7 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
             files.plots.extend([svg, png]);
             Ok(())
         };
-        scatter("ppl", "perplexity", ParetoGoal::MinimizeY, false, &|r| Some(r.ppl))?;
+        scatter("ppl", "perplexity", ParetoGoal::MinimizeY, true, &|r| Some(r.ppl))?;
         scatter("kl", "mean KL", ParetoGoal::MinimizeY, true, &|r| (r.policy != "full").then_some(r.kl_mean))?;
         scatter("top1", "top-1 agreement", ParetoGoal::MaximizeY, false, &|r| Some(r.top1))?;
         let task_names: BTreeSet<String> = rs.iter().flat_map(|r| r.tasks.keys().cloned()).collect();
@@ -307,7 +498,13 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
                 r.tasks.get(&t).map(|x| x.accuracy)
             })?;
         }
+        let _ = writeln!(index, "\n## {}\n", g.title);
+        for p in files.plots[first_plot..].iter().filter(|p| p.extension().is_some_and(|e| e == "png")) {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let _ = writeln!(index, "- [{name}]({name}) (and `.svg`)");
+        }
     }
+    write_atomic(&files.index, index.as_bytes())?;
     crate::results::sync_dir(dir)?;
     Ok(files)
 }
@@ -399,16 +596,103 @@ mod tests {
         assert!(std::fs::read_to_string(&files.table).unwrap().contains("K2V4"));
         let names: Vec<String> =
             files.plots.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-        for want in
-            ["heatmap-ppl-g64-tok-tok-r128.png", "heatmap-kl-g64-tok-tok-r128.svg", "ppl-vs-bits.png", "kl-vs-bits.svg"]
-        {
+        for want in [
+            "m-unknown-text-ctx512-w4-top0-heatmap-ppl-g64-tok-tok-r128.png",
+            "m-unknown-text-ctx512-w4-top0-heatmap-kl-g64-tok-tok-r128.svg",
+            "m-unknown-text-ctx512-w4-top0-ppl-vs-bits.png",
+            "m-unknown-text-ctx512-w4-top0-kl-vs-bits.svg",
+        ] {
             assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
         }
         for p in &files.plots {
             assert!(std::fs::metadata(p).unwrap().len() > 100, "{}", p.display());
         }
-        let png = std::fs::read(dir.join("ppl-vs-bits.png")).unwrap();
+        let png = std::fs::read(dir.join("m-unknown-text-ctx512-w4-top0-ppl-vs-bits.png")).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        // Every plot names the model and the text; the KL heatmap explains its outline.
+        for p in files.plots.iter().filter(|p| p.extension().is_some_and(|e| e == "svg")) {
+            let svg = std::fs::read_to_string(p).unwrap();
+            assert!(svg.contains("m on unknown text, 4 windows of 512 tokens"), "{}", p.display());
+        }
+        let heat = std::fs::read_to_string(dir.join("m-unknown-text-ctx512-w4-top0-heatmap-kl-g64-tok-tok-r128.svg"));
+        assert!(heat.unwrap().contains("K = V"));
+    }
+
+    #[test]
+    fn runs_with_other_settings_write_their_own_files_and_the_index_says_which() {
+        let dir = std::env::temp_dir().join(format!("adaquant-eval-report-two-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let wiki = |mut r: PointResult| {
+            r.text = "wiki.test.raw".into();
+            r.model = "SmolLM2-135M-Instruct.Q4_1.gguf".into();
+            r
+        };
+        let first = vec![
+            wiki(rec("full", "full", 16.0, 16.0, 20.0, 0.0, 32.0)),
+            wiki(rec("K4V2", "fixed", 4.0, 2.0, 22.0, 0.1, 3.5)),
+            wiki(rec("K2V4", "fixed", 2.0, 4.0, 25.0, 0.3, 3.5)),
+        ];
+        let one = write_report(&first, &dir).unwrap();
+        let before: BTreeSet<PathBuf> = one.plots.iter().cloned().collect();
+        // A second run with another window count writes into the same folder; the table then covers both.
+        let mut both = first.clone();
+        both.extend(first.iter().map(|r| PointResult { windows: 1, key: format!("{}-w1", r.key), ..r.clone() }));
+        let two = write_report(&both, &dir).unwrap();
+        let after: BTreeSet<PathBuf> = two.plots.iter().cloned().collect();
+        assert!(before.is_subset(&after), "the first run's files keep their names: {before:?} vs {after:?}");
+        assert_eq!(after.len(), 2 * before.len());
+        assert!(after.iter().all(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("SmolLM2-135M-Instruct.Q4_1-wiki.test-ctx512-w")
+        }));
+        let index = std::fs::read_to_string(&two.index).unwrap();
+        assert!(
+            index.contains("## SmolLM2-135M-Instruct.Q4_1.gguf on wiki.test.raw, 1 window of 512 tokens (255 scored")
+        );
+        assert!(index.contains("## SmolLM2-135M-Instruct.Q4_1.gguf on wiki.test.raw, 4 windows of 512 tokens"));
+        assert!(index.contains("SmolLM2-135M-Instruct.Q4_1-wiki.test-ctx512-w1-top0-kl-vs-bits.png"), "{index}");
+        let table = std::fs::read_to_string(&two.table).unwrap();
+        assert!(table.contains("### SmolLM2-135M-Instruct.Q4_1.gguf on wiki.test.raw, 1 window of 512"), "{table}");
+        assert!(!table.contains("1 windows"));
+    }
+
+    #[test]
+    fn rows_that_quantized_nothing_are_marked_and_full_precision_says_f32() {
+        let mut full = rec("full", "full", 16.0, 16.0, 20.0, 0.0, 32.0);
+        full.ctx = 100;
+        // The issue's `--ctx 100 --residual 128`: the exact window covers every position.
+        let mut covered = rec("K4V2", "fixed", 4.0, 2.0, 20.0, 0.0, 32.0);
+        covered.ctx = 100;
+        // A per-channel layout whose window plus one group just fits: a few positions see quantized keys.
+        let mut partly = rec("K2V16", "fixed", 2.0, 16.0, 21.0, 0.2, 20.0);
+        partly.ctx = 100;
+        partly.residual = 16;
+        partly.group_size = 32;
+        partly.k_axis = "per_channel".into();
+        let t = markdown_table(&[full, covered, partly]);
+        let row = |name: &str| t.lines().find(|l| l.starts_with(&format!("| {name} "))).unwrap().to_string();
+        assert!(row("K4V2").contains("| 0% ‡ |"), "{t}");
+        assert!(t.contains("‡ Nothing was quantized"), "{t}");
+        assert!(row("full").contains("| f32 | f32 |") && row("full").contains("| - |"), "{t}");
+        // Per window: positions 50..=98 are scored, keys are first quantized at 16 + 32 = 48 tokens, so all 49.
+        assert!(row("K2V16").contains("| 100% |"), "{t}");
+        let mut late = rec("K2V2", "fixed", 2.0, 2.0, 21.0, 0.2, 20.0);
+        late.ctx = 100;
+        late.residual = 80;
+        // First quantized at 81 tokens: positions 80..=98 of 50..=98, 19 of 49.
+        assert_eq!(quantized_scored(&late), Some(4 * 19));
+        assert_eq!(quantized_scored(&rec("full", "full", 16.0, 16.0, 1.0, 0.0, 32.0)), None);
+    }
+
+    #[test]
+    fn old_records_name_their_text_from_the_manifest() {
+        let mut r = rec("K4V2", "fixed", 4.0, 2.0, 22.0, 0.1, 3.5);
+        r.data_sha256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08".into();
+        assert_eq!(text_name(&r), "wiki.test.raw");
+        r.data_sha256 = "0123456789abcdef".into();
+        assert_eq!(text_name(&r), "text 01234567");
+        r.text = "mine.txt".into();
+        assert_eq!(text_name(&r), "mine.txt");
     }
 
     /// The table and the plots replace the old files by renaming a complete new file over them: a reader holding

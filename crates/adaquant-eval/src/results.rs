@@ -87,6 +87,10 @@ pub struct PointResult {
     pub model: String,
     pub model_sha256: String,
     pub data_sha256: String,
+    /// File name of the text the metrics were measured on (`wiki.test.raw`); empty in records written before it
+    /// was recorded, which the report names from `data_sha256`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub text: String,
     pub git_rev: String,
     /// Wall time of this point (text metrics and tasks).
     pub wall_s: f64,

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use adaquant_cache::alloc::{BitBudget, Sensitivities};
 use adaquant_cache::config::{CacheSpec, LayerPrecision, Precision, QuantCacheConfig};
-use adaquant_cache::KvCache;
+use adaquant_cache::{CacheShape, KvCache};
 use adaquant_kernels::{Bits, GroupAxis, QuantSpec};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -191,6 +191,92 @@ impl PointSpec {
     }
 }
 
+impl PointSpec {
+    /// The layout's cache config on `n_layers` layers: the fixed split's precisions, or for a budget point 4-bit
+    /// placeholders with its groups and axes (the solver changes only the widths, which no shape check depends on).
+    /// `None` for the full-precision point.
+    pub fn layout_config(&self, n_layers: usize) -> Option<QuantCacheConfig> {
+        let layers = match &self.policy {
+            PolicySpec::Full => return None,
+            PolicySpec::Fixed { .. } => self.layers_fixed(n_layers)?,
+            PolicySpec::Budget { .. } => vec![
+                LayerPrecision::new(
+                    Precision::Quant(self.quant_spec(Bits::B4, self.k_axis)),
+                    Precision::Quant(self.quant_spec(Bits::B4, self.v_axis)),
+                );
+                n_layers
+            ],
+        };
+        Some(QuantCacheConfig { layers, residual: self.residual, sinks: self.sinks })
+    }
+
+    /// Why this point cannot run on a model of this shape, or `None` when it can: groups that do not divide
+    /// head_dim, per-channel groups that do not divide the exact window, a missing sensitivities file.
+    pub fn check(&self, shape: &CacheShape) -> Option<String> {
+        if let Some(config) = self.layout_config(shape.n_layers) {
+            if let Err(e) = config.validate(shape) {
+                return Some(e.to_string());
+            }
+        }
+        if let PolicySpec::Budget { sensitivity: SensSource::File(p), .. } = &self.policy {
+            if !p.is_file() {
+                return Some(format!(
+                    "sensitivities file {} not found (write one with `adaquant analyze`)",
+                    p.display()
+                ));
+            }
+        }
+        None
+    }
+
+    /// Scored tokens per window of `text` whose history holds a quantized token (see
+    /// [`TextEvalSpec::scored_with_quantized_history`]); 0 for the full-precision point.
+    pub fn quantized_scored_per_window(&self, text: &TextEvalSpec, n_layers: usize) -> usize {
+        text.scored_with_quantized_history(
+            self.layout_config(n_layers).as_ref().and_then(crate::metrics::config_first_quantized_len),
+        )
+    }
+
+    /// A short description of the layout for messages: `g64 tok/chan r128 s4`.
+    pub fn layout_name(&self) -> String {
+        let mut s =
+            format!("g{} {}/{} r{}", self.group, axis_short(self.k_axis), axis_short(self.v_axis), self.residual);
+        if self.sinks > 0 {
+            s.push_str(&format!(" s{}", self.sinks));
+        }
+        s
+    }
+}
+
+/// Checks every point against the model's shape before any work; an error lists each invalid point and why, so
+/// one run fixes the whole grid.
+pub fn validate_points(points: &[PointSpec], shape: &CacheShape) -> Result<()> {
+    let bad: Vec<String> = points
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.check(shape).map(|why| format!("  point {i} {} ({}): {why}", p.name(), p.layout_name())))
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    Err(EvalError::BadRequest(format!(
+        "{} of {} points cannot run on this model (head_dim {}, {} layers, {} KV heads); nothing was computed. \
+         Drop or fix them (--group, --residual, --k-axis/--v-axis, --sensitivity):\n{}",
+        bad.len(),
+        points.len(),
+        shape.head_dim,
+        shape.n_layers,
+        shape.n_kv_heads,
+        bad.join("\n")
+    )))
+}
+
+/// Rounds an average of bit widths to 9 decimals, so `1.58` averaged over layers is written `1.58`, not
+/// `1.579999999999999`.
+pub fn round_bits(b: f64) -> f64 {
+    (b * 1e9).round() / 1e9
+}
+
 impl fmt::Display for PointSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.config_key())
@@ -312,6 +398,8 @@ pub struct SweepPlan {
     pub model_name: String,
     pub model_sha256: String,
     pub data_sha256: String,
+    /// File name of the text, recorded in every line and named in tables and plots.
+    pub text_name: String,
     pub git_rev: String,
     /// Task datasets, read when the corresponding task is selected.
     pub hellaswag_path: PathBuf,
@@ -614,10 +702,13 @@ pub fn max_seq_for(plan: &SweepPlan) -> usize {
 }
 
 /// Runs every pending point of `plan` that belongs to its shard and returns the results file, which holds the
-/// file's lock until it is dropped.
+/// file's lock until it is dropped. A plan with a point that does not fit the model ([`validate_points`]) is
+/// refused before any forward pass.
 ///
 /// `tokens` is the tokenized text (WikiText-2 by default). Progress goes to stderr, a summary per point to stdout.
 pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Result<ResultsFile> {
+    // Every point must fit the model before anything is computed or written.
+    validate_points(&plan.points, &lm.cache_shape(max_seq_for(plan)))?;
     let windows = plan.text.windows(tokens)?;
     let identity = plan.identity()?;
     let mut file = ResultsFile::open(&plan.results_path())?;
@@ -652,6 +743,24 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
     }
     let max_seq = max_seq_for(plan);
     let shape = lm.cache_shape(max_seq);
+    let scored = windows.len() * plan.text.scored_per_window();
+    let unquantized: Vec<String> = points
+        .iter()
+        .filter(|(_, p)| p.policy != PolicySpec::Full && p.quantized_scored_per_window(&plan.text, shape.n_layers) == 0)
+        .map(|(_, p)| format!("{} ({})", p.name(), p.layout_name()))
+        .collect();
+    if !unquantized.is_empty() {
+        eprintln!(
+            "warning: {} of {} points never quantize a token any scored position sees, because the exact window and \
+             sinks cover the {}-token window: {}. Their text metrics equal the full-precision cache's by \
+             construction (marked ‡ in the table); use a --residual below {} or a longer --ctx to measure them.",
+            unquantized.len(),
+            points.len(),
+            plan.text.ctx,
+            unquantized.join(", "),
+            plan.text.first()
+        );
+    }
     let task_data = TaskData::load(plan)?;
     let processed = (windows.len() * plan.text.ctx) as u64;
 
@@ -693,6 +802,7 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
             m
         };
         let task_results = run_tasks(lm, cache.as_mut(), &plan.tasks, &task_data, &label)?;
+        let quantized_scored = windows.len() * point.quantized_scored_per_window(&plan.text, shape.n_layers);
         if point.policy != PolicySpec::Full {
             for (task, _) in task_results.iter().filter(|(_, t)| t.quantized == Some(0) && t.total > 0) {
                 eprintln!(
@@ -709,7 +819,7 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
                 let lk: Vec<f64> = ls.iter().map(|l| l.k.nominal_bits()).collect();
                 let lv: Vec<f64> = ls.iter().map(|l| l.v.nominal_bits()).collect();
                 let n = ls.len().max(1) as f64;
-                let (k, v) = (lk.iter().sum::<f64>() / n, lv.iter().sum::<f64>() / n);
+                let (k, v) = (round_bits(lk.iter().sum::<f64>() / n), round_bits(lv.iter().sum::<f64>() / n));
                 if matches!(point.policy, PolicySpec::Budget { .. }) {
                     (k, v, lk, lv)
                 } else {
@@ -751,6 +861,7 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
             model: plan.model_name.clone(),
             model_sha256: plan.model_sha256.clone(),
             data_sha256: plan.data_sha256.clone(),
+            text: plan.text_name.clone(),
             git_rev: plan.git_rev.clone(),
             wall_s: if full { ref_s + start.elapsed().as_secs_f64() } else { start.elapsed().as_secs_f64() },
             finished_at: now_secs(),
@@ -763,7 +874,7 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
         let elapsed = t0.elapsed().as_secs_f64();
         let left = elapsed / (n_done + 1) as f64 * (points.len() - n_done - 1) as f64;
         println!(
-            "[{}] ppl {:.4} kl {:.5} (p99 {:.4}) top1 {:.4} bits/elt {:.3} kv {:.2} MiB {}{:.1} s; about {:.1} min left",
+            "[{}] ppl {:.4} kl {:.5} (p99 {:.4}) top1 {:.4} bits/elt {:.3} kv {:.2} MiB{}; {}{:.1} s; about {:.1} min left",
             label,
             r.ppl,
             r.kl_mean,
@@ -771,6 +882,11 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
             r.top1,
             r.bits_per_element,
             r.kv_bytes as f64 / (1 << 20) as f64,
+            match (full, quantized_scored) {
+                (true, _) => String::new(),
+                (false, 0) => format!(", quantized history 0/{scored} scored tokens: nothing quantized, equals full precision"),
+                (false, q) => format!(", quantized history {q}/{scored} scored tokens"),
+            },
             if tasks.is_empty() { String::new() } else { format!("{} ", tasks.join(" ")) },
             r.wall_s,
             left / 60.0
@@ -810,6 +926,13 @@ mod tests {
         assert_eq!(sens.len(), 1, "one measurement for three budgets of one layout");
         resolve_layers(&lm, &point(4.0, 8), &windows, &reference, 32, &mut sens).unwrap();
         assert_eq!(sens.len(), 2, "another exact window is another layout");
+    }
+
+    #[test]
+    fn averaged_widths_are_written_without_float_noise() {
+        let avg = (0..30).map(|_| Bits::B1_58.nominal()).sum::<f64>() / 30.0;
+        assert_eq!(serde_json::to_string(&round_bits(avg)).unwrap(), "1.58");
+        assert_eq!(round_bits(4.066666666666666), 4.066666667);
     }
 
     #[test]
@@ -900,6 +1023,7 @@ mod tests {
             out: dir.join("out"),
             shard: None,
             model_name: "m.gguf".into(),
+            text_name: "wiki.test.raw".into(),
             model_sha256: "aa".repeat(32),
             data_sha256: "bb".repeat(32),
             git_rev: "rev".into(),

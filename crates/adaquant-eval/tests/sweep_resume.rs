@@ -44,6 +44,7 @@ fn plan(out: PathBuf, shard: Option<Shard>) -> SweepPlan {
         model_name: "toy".into(),
         model_sha256: "0".into(),
         data_sha256: "0".into(),
+        text_name: "toy text".into(),
         git_rev: "test".into(),
         hellaswag_path: PathBuf::new(),
         arc_path: PathBuf::new(),

@@ -103,6 +103,27 @@ impl ModelConfig {
         self.n_layers * per_layer + emb + self.hidden
     }
 
+    /// The configuration of a checkpoint without reading its weights: the header of a `.gguf` file (memory-mapped,
+    /// tensors untouched) or the `config.json` of a Hugging Face folder. Lets commands check their settings
+    /// against the model's shape before the (slower) load.
+    pub fn read(path: &std::path::Path) -> Result<ModelConfig> {
+        let config = if path.is_dir() {
+            let cfg_path = path.join("config.json");
+            let bytes = std::fs::read(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+            let json: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| ModelError::InvalidConfig(format!("{}: {e}", cfg_path.display())))?;
+            ModelConfig::from_hf_json(&json, &cfg_path.display().to_string())?
+        } else {
+            ModelConfig::from_gguf(&crate::gguf::GgufFile::open(path)?.header)?
+        };
+        Ok(config)
+    }
+
+    /// The cache shape of this configuration for contexts of up to `max_seq_len` tokens.
+    pub fn cache_shape(&self, max_seq_len: usize) -> adaquant_cache::CacheShape {
+        adaquant_cache::CacheShape::new(self.n_layers, self.n_q_heads, self.n_kv_heads, self.head_dim, max_seq_len)
+    }
+
     /// The configuration stored in a GGUF header.
     pub fn from_gguf(g: &Gguf) -> Result<ModelConfig> {
         let src = "GGUF metadata";

@@ -435,3 +435,17 @@ fn forward_rejects_bad_input() {
     assert_eq!(logits.rows(), 0);
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+#[test]
+fn config_is_read_without_the_weights() {
+    let m = tiny(6, false);
+    let gguf = write_gguf(&m, "llama", true, "config-gguf");
+    let hf = write_hf(&m, "llama", "config-hf");
+    let loaded = Model::load(&gguf).unwrap().config;
+    assert_eq!(adaquant_model::ModelConfig::read(&gguf).unwrap(), loaded);
+    assert_eq!(adaquant_model::ModelConfig::read(&hf).unwrap(), Model::load(&hf).unwrap().config);
+    assert_eq!(loaded.cache_shape(77), Model::load(&gguf).unwrap().cache_shape(77));
+    assert!(adaquant_model::ModelConfig::read(&hf.join("missing.gguf")).is_err());
+    let _ = std::fs::remove_dir_all(gguf.parent().unwrap());
+    let _ = std::fs::remove_dir_all(hf);
+}
