@@ -229,6 +229,13 @@ fn check_device_spec(spec: &QuantSpec, head_dim: usize) -> Result<()> {
     if !matches!(spec.zero, ZeroPoint::MinMax) {
         return Err(Error::Cuda("the CUDA quantizer implements min-max zero points only, not HQQ".into()));
     }
+    if spec.is_codebook() || spec.rotation.is_some() {
+        return Err(Error::Cuda(
+            "the CUDA cache implements uniform levels without rotation only; use the CPU cache for Lloyd-Max levels \
+             and rotations"
+                .into(),
+        ));
+    }
     Ok(())
 }
 
