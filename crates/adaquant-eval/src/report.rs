@@ -5,7 +5,10 @@
 //! - `heatmap-ppl-<layout>` and `heatmap-kl-<layout>`: fixed-split points on the K-bits by V-bits grid, one pair
 //!   per quantization layout, axes over the union of the widths so the marked diagonal is K = V;
 //! - `ppl-vs-bits`, `kl-vs-bits`, `top1-vs-bits` and `<task>-vs-bits`: every point against its measured bits per
-//!   element, with the Pareto front.
+//!   element, with the Pareto front;
+//! - `kl-vs-packed-bits`: every quantized point's mean KL against the packed bits per element of its history
+//!   (codes and metadata, exact window left out), one colour per quantizer family (per-channel keys count as their
+//!   own family), with one Pareto front over all of them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -34,7 +37,20 @@ fn layout(r: &PointResult) -> String {
     if r.sinks > 0 {
         let _ = write!(s, " s{}", r.sinks);
     }
+    if !r.quantizer.is_empty() && r.quantizer != "minmax" {
+        let _ = write!(s, " {}", r.quantizer);
+    }
     s
+}
+
+/// The quantizer family of a record for the comparison plot: the quantizer, with per-channel keys marked.
+fn family(r: &PointResult) -> String {
+    let q = if r.quantizer.is_empty() { "minmax" } else { r.quantizer.as_str() };
+    if r.k_axis == "per_channel" {
+        format!("{q} (per-channel K)")
+    } else {
+        q.to_string()
+    }
 }
 
 fn layout_slug(r: &PointResult) -> String {
@@ -69,8 +85,9 @@ pub fn markdown_table(records: &[PointResult]) -> String {
         let base = rs.iter().find(|r| r.policy == "full").map(|r| r.ppl);
         let task_names: BTreeSet<&str> = rs.iter().flat_map(|r| r.tasks.keys().map(String::as_str)).collect();
         let _ = writeln!(out, "### {}\n", settings_title(&s));
-        let mut head = "| config | policy | K bits | V bits | layout | bits/elt | KV KiB | PPL | dPPL | KL mean | KL p99 | top-1 |".to_string();
-        let mut rule = "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |".to_string();
+        let mut head = "| config | policy | K bits | V bits | layout | packed bits | bits/elt | KV KiB | PPL | dPPL | KL mean | KL p99 | top-1 |".to_string();
+        let mut rule =
+            "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |".to_string();
         for t in &task_names {
             let _ = write!(head, " {t} |");
             rule.push_str(" ---: |");
@@ -83,12 +100,13 @@ pub fn markdown_table(records: &[PointResult]) -> String {
             let dppl = base.map_or("-".into(), |b| format!("{:+.3}", r.ppl - b));
             let _ = write!(
                 out,
-                "| {} | {} | {} | {} | {} | {:.3} | {:.1} | {:.3} ± {:.3} | {} | {:.5} | {:.4} | {:.4} |",
+                "| {} | {} | {} | {} | {} | {} | {:.3} | {:.1} | {:.3} ± {:.3} | {} | {:.5} | {:.4} | {:.4} |",
                 r.name,
                 r.policy,
                 bits_label(r.k_bits),
                 bits_label(r.v_bits),
                 layout(r),
+                if r.packed_bits > 0.0 { format!("{:.3}", r.packed_bits) } else { "-".into() },
                 r.bits_per_element,
                 r.kv_bytes as f64 / 1024.0,
                 r.ppl,
@@ -194,6 +212,33 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
                     heatmap(&chart, &dir.join(format!("{prefix}heatmap-{metric}-{slug}"))).map_err(plot_err)?;
                 files.plots.extend([svg, png]);
             }
+        }
+        // Every quantizer family on one Pareto plot of mean KL against packed bits.
+        let quantized: Vec<&&PointResult> =
+            rs.iter().filter(|r| r.policy != "full" && r.packed_bits > 0.0 && r.kl_mean > 0.0).collect();
+        let families: Vec<String> = quantized.iter().map(|r| family(r)).collect::<BTreeSet<_>>().into_iter().collect();
+        if quantized.len() >= 2 {
+            let chart = Scatter {
+                title: format!("mean KL vs packed bits per element, every quantizer ({sub})"),
+                x_label: "packed bits per K/V element (codes and metadata; exact window left out)".into(),
+                y_label: "mean KL".into(),
+                points: quantized
+                    .iter()
+                    .map(|r| ScatterPoint {
+                        x: r.packed_bits,
+                        y: r.kl_mean,
+                        label: Some(r.name.clone()),
+                        group: families.iter().position(|f| *f == family(r)).unwrap_or(0),
+                    })
+                    .collect(),
+                group_names: families.clone(),
+                pareto: Some(ParetoGoal::MinimizeY),
+                log_y: true,
+                ..Scatter::default()
+            };
+            let [svg, png] =
+                scatter_pareto(&chart, &dir.join(format!("{prefix}kl-vs-packed-bits"))).map_err(plot_err)?;
+            files.plots.extend([svg, png]);
         }
         // Metrics against bits per element with the Pareto front.
         let policies: Vec<&str> = vec!["full", "fixed", "budget"];
