@@ -145,9 +145,11 @@ impl CudaKernels {
             None => compile_ptx(spec, self.arch)?,
         };
         let m = cu(self.ctx.load_module(Ptx::from_src(ptx)), &format!("loading {}", spec.name()))?;
-        if matches!(spec, KernelSpec::Attn { .. } | KernelSpec::AttnF16 { .. }) {
+        if matches!(spec, KernelSpec::Attn { .. } | KernelSpec::AttnF16 { .. } | KernelSpec::AttnLloyd { .. }) {
             let head_dim = match *spec {
-                KernelSpec::Attn { head_dim, .. } | KernelSpec::AttnF16 { head_dim } => head_dim,
+                KernelSpec::Attn { head_dim, .. }
+                | KernelSpec::AttnF16 { head_dim }
+                | KernelSpec::AttnLloyd { head_dim, .. } => head_dim,
                 KernelSpec::Quant { .. } => unreachable!("matched above"),
             };
             let smem = AttnSmem::for_head_dim(head_dim).total as i32;
