@@ -1,6 +1,9 @@
 //! Criterion benchmarks of the kernels: quantize/dequantize throughput per width, and one decode step of fused
 //! attention over packed K/V (K4V2, K4V4, K2V4, K8V8; per-channel keys, per-token values, group 64) against the f32
-//! and f16 baselines, at 1K to 64K tokens of context, for SmolLM2 and Llama-3-8B attention shapes.
+//! and f16 baselines, at 1K to 64K tokens of context, for SmolLM2 and Llama-3-8B attention shapes. In the same
+//! group, K4V2 under every other quantizer family: `K4V2 hqq` (same kernel, HQQ zero points), `K4V2 rot-minmax`
+//! (the query rotated before and the output rotated back after the min-max kernel, as the cache does once per
+//! step), `K4V2 lloyd` and `K4V2 rot-lloyd` (the Lloyd-Max lookup kernel), so each can be compared with `K4V2`.
 //!
 //! After the criterion runs, a summary table prints median time, bytes read, achieved GB/s, the share of the copy
 //! bandwidth measured in the same process, and the speedup over the f16 baseline, with rayon (2 threads here) and on
@@ -12,8 +15,10 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use adaquant_benches::{gaussian, measure_bandwidth, median_time, DenseLayer, PackedLayer, Shape, LLAMA3_8B, SMOLLM2};
+use adaquant_cache::Quantizer;
 use adaquant_kernels::attn::{attention_f16, attention_f32};
 use adaquant_kernels::quant::{dequantize, quantize};
+use adaquant_kernels::rotate::{head_seed, HadamardRotation};
 use adaquant_kernels::simd;
 use adaquant_kernels::{decode_attention, Bits, GroupAxis, QuantSpec};
 use criterion::{BenchmarkId, Criterion, Throughput};
@@ -26,8 +31,23 @@ const CONFIGS: [(&str, Bits, Bits); 4] = [
     ("K8V8", Bits::B8, Bits::B8),
 ];
 
+/// K4V2 under the other quantizer families, benchmarked beside the min-max `K4V2`.
+const FAMILIES: [(&str, Quantizer); 4] = [
+    ("K4V2 hqq", Quantizer::Hqq),
+    ("K4V2 rot-minmax", Quantizer::RotMinMax),
+    ("K4V2 lloyd", Quantizer::Lloyd),
+    ("K4V2 rot-lloyd", Quantizer::RotLloyd),
+];
+
 fn specs(kb: Bits, vb: Bits) -> (QuantSpec, QuantSpec) {
     (QuantSpec::new(kb, 64, GroupAxis::PerChannel), QuantSpec::new(vb, 64, GroupAxis::PerToken))
+}
+
+/// One packed configuration of a point, with the per-KV-head rotations of its keys and values when it rotates.
+struct Packed {
+    name: &'static str,
+    layer: PackedLayer,
+    rot: Option<(Vec<HadamardRotation>, Vec<HadamardRotation>)>,
 }
 
 fn bench_quant(c: &mut Criterion) {
@@ -42,6 +62,14 @@ fn bench_quant(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new(format!("quantize/{axis}"), bits), |b| {
                 b.iter(|| quantize(&spec, d, black_box(&x)).unwrap())
             });
+            if matches!(bits, Bits::B2 | Bits::B4) {
+                for q in [Quantizer::Hqq, Quantizer::Lloyd] {
+                    let spec = q.apply(spec);
+                    g.bench_function(BenchmarkId::new(format!("quantize-{q}/{axis}"), bits), |b| {
+                        b.iter(|| quantize(&spec, d, black_box(&x)).unwrap())
+                    });
+                }
+            }
             let s = quantize(&spec, d, &x).unwrap();
             let mut y = vec![0f32; x.len()];
             g.bench_function(BenchmarkId::new(format!("dequantize/{axis}"), bits), |b| {
@@ -60,19 +88,27 @@ struct Point {
     shape: Shape,
     ctx: usize,
     q: Vec<f32>,
-    packed: Vec<(&'static str, PackedLayer)>,
+    packed: Vec<Packed>,
     dense: DenseLayer,
 }
 
 impl Point {
     fn new(shape: Shape, ctx: usize) -> Point {
-        let packed = CONFIGS
+        let mut packed: Vec<Packed> = CONFIGS
             .iter()
             .map(|&(name, kb, vb)| {
                 let (ks, vs) = specs(kb, vb);
-                (name, PackedLayer::new(shape, ctx, ks, vs, 100))
+                Packed { name, layer: PackedLayer::new(shape, ctx, ks, vs, 100), rot: None }
             })
             .collect();
+        for (name, q) in FAMILIES {
+            let (ks, vs) = specs(Bits::B4, Bits::B2);
+            let rots = |side: usize| -> Vec<HadamardRotation> {
+                (0..shape.n_kv).map(|h| HadamardRotation::new(shape.d, head_seed(0, 0, side, h)).unwrap()).collect()
+            };
+            let rot = q.rotates().then(|| (rots(0), rots(1)));
+            packed.push(Packed { name, layer: PackedLayer::new(shape, ctx, q.apply(ks), q.apply(vs), 100), rot });
+        }
         Point { shape, ctx, q: gaussian(5, shape.n_q * shape.d), packed, dense: DenseLayer::new(shape, ctx, 100, true) }
     }
 
@@ -80,8 +116,23 @@ impl Point {
         1.0 / (self.shape.d as f32).sqrt()
     }
 
-    fn run_packed(&self, layer: &PackedLayer, out: &mut [f32]) {
-        decode_attention(&self.q, &layer.heads(), self.shape.d, self.scale(), out).unwrap();
+    fn run_packed(&self, p: &Packed, out: &mut [f32]) {
+        let d = self.shape.d;
+        let Some((kr, vr)) = &p.rot else {
+            decode_attention(&self.q, &p.layer.heads(), d, self.scale(), out).unwrap();
+            return;
+        };
+        // What the cache does once per step: rotate each query head with its KV head's key rotation, attend, rotate
+        // each output head back with its KV head's value rotation.
+        let rep = self.shape.n_q / self.shape.n_kv;
+        let mut q = self.q.clone();
+        for (h, qh) in q.chunks_exact_mut(d).enumerate() {
+            kr[h / rep].rotate(qh);
+        }
+        decode_attention(&q, &p.layer.heads(), d, self.scale(), out).unwrap();
+        for (h, oh) in out.chunks_exact_mut(d).enumerate() {
+            vr[h / rep].unrotate(oh);
+        }
     }
 
     fn run_f32(&self, out: &mut [f32]) {
@@ -103,8 +154,8 @@ impl Point {
     /// (name, bytes read, kernel) for every kernel of this point.
     fn kernels(&self) -> Vec<Kernel<'_>> {
         let mut v: Vec<Kernel<'_>> = Vec::new();
-        for (name, layer) in &self.packed {
-            v.push((name.to_string(), layer.bytes(), Box::new(move |o: &mut [f32]| self.run_packed(layer, o))));
+        for p in &self.packed {
+            v.push((p.name.to_string(), p.layer.bytes(), Box::new(move |o: &mut [f32]| self.run_packed(p, o))));
         }
         v.push(("f16".into(), self.dense_bytes(2), Box::new(|o: &mut [f32]| self.run_f16(o))));
         v.push(("f32".into(), self.dense_bytes(4), Box::new(|o: &mut [f32]| self.run_f32(o))));

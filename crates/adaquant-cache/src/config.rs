@@ -242,6 +242,7 @@ impl QuantCacheConfig {
         if self.sinks > 0 {
             s.push_str(&format!(" s{}", self.sinks));
         }
+        s.push_str(&crate::quantizer::describe_families(&self.layers));
         s
     }
 }
@@ -378,9 +379,11 @@ impl FromStr for CacheSpec {
     }
 }
 
-/// Short names for the command line: `f32`, `f16`, `k4v2`, `k8v4-kivi`, `k4v2-g32-r64-s4`, `k16v2`
-/// (16 means unquantized). Options after the widths: `g<group>`, `r<residual>`, `s<sinks>` and `kivi`
-/// (keys in per-channel groups; values always use per-token groups).
+/// Short names for the command line: `f32`, `f16`, `k4v2`, `k8v4-kivi`, `k4v2-g32-r64-s4`, `k16v2`, `k4v2-hqq`,
+/// `k3v2-rot-lloyd` (16 means unquantized). Options after the widths: `g<group>`, `r<residual>`, `s<sinks>` and
+/// `kivi` (keys in per-channel groups; values always use per-token groups), and the quantizer: `minmax` (the
+/// default), `hqq` (HQQ zero points with the authors' defaults), `lloyd` (Lloyd-Max levels), `rot` (Hadamard
+/// rotation of keys and values), `krot` or `vrot` (rotate one side only); see [`crate::Quantizer`].
 fn parse_short_name(s: &str) -> Result<CacheSpec> {
     let s = s.trim().to_ascii_lowercase();
     match s.as_str() {
@@ -393,8 +396,8 @@ fn parse_short_name(s: &str) -> Result<CacheSpec> {
     let head = parts.next().unwrap_or_default();
     let rest = head.strip_prefix('k').ok_or_else(|| {
         bad(format!(
-            "'{s}': expected f32, f16, k<bits>v<bits>[-g<group>][-r<residual>][-s<sinks>][-kivi], inline JSON \
-             ({{\"kind\": ...}} or the kvq shape), or a JSON file"
+            "'{s}': expected f32, f16, k<bits>v<bits>[-g<group>][-r<residual>][-s<sinks>][-kivi][-hqq|-lloyd][-rot], \
+             inline JSON ({{\"kind\": ...}} or the kvq shape), or a JSON file"
         ))
     })?;
     let (kb, vb) = rest.split_once('v').ok_or_else(|| bad(format!("'{s}': missing v<bits>")))?;
@@ -407,8 +410,12 @@ fn parse_short_name(s: &str) -> Result<CacheSpec> {
     };
     let (kb, vb) = (width(kb)?, width(vb)?);
     let (mut group, mut residual, mut sinks, mut kivi) = (DEFAULT_GROUP, DEFAULT_RESIDUAL, 0, false);
+    let mut fam = crate::quantizer::ShortOptions::default();
     for p in parts {
         let num = |x: &str| -> Result<usize> { x.parse().map_err(|_| bad(format!("bad option '{p}'"))) };
+        if fam.take(p) {
+            continue;
+        }
         if p == "kivi" {
             kivi = true;
         } else if let Some(x) = p.strip_prefix('g') {
@@ -418,16 +425,18 @@ fn parse_short_name(s: &str) -> Result<CacheSpec> {
         } else if let Some(x) = p.strip_prefix('s') {
             sinks = num(x)?;
         } else {
-            return Err(bad(format!("unknown option '{p}' (use g<group>, r<residual>, s<sinks>, kivi)")));
+            return Err(bad(format!(
+                "unknown option '{p}' (use g<group>, r<residual>, s<sinks>, kivi, minmax, hqq, lloyd, rot, krot, vrot)"
+            )));
         }
     }
     let k_axis = if kivi { GroupAxis::PerChannel } else { GroupAxis::PerToken };
-    let prec = |b: Option<Bits>, axis| match b {
-        None => Precision::Full,
-        Some(b) => Precision::Quant(QuantSpec::new(b, group, axis)),
+    let prec = |b: Option<Bits>, axis, rotate| match b {
+        None => Ok(Precision::Full),
+        Some(b) => fam.spec(QuantSpec::new(b, group, axis), rotate).map(Precision::Quant),
     };
     Ok(CacheSpec::Uniform {
-        layer: LayerPrecision { k: prec(kb, k_axis), v: prec(vb, GroupAxis::PerToken) },
+        layer: LayerPrecision { k: prec(kb, k_axis, fam.rotate_k)?, v: prec(vb, GroupAxis::PerToken, fam.rotate_v)? },
         residual,
         sinks,
     })

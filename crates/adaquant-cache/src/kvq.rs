@@ -16,6 +16,10 @@
 //!   grouping of a flattened tensor, which adaquant does not implement: it is an error; `"per_channel"` selects
 //!   KIVI-style per-channel groups instead. A number or `{"k", "v"}`.
 //! - `sinks` (adaquant only): leading tokens kept exact.
+//! - `quantizer` (adaquant only): the quantizer family of every quantized side, one of the names of
+//!   [`crate::Quantizer`] (`"hqq"`, `"minmax"`, `"rot-hqq"`, `"rot-lloyd"`, ...). The default is `"hqq"` with the
+//!   authors' settings (20 iterations, p = 0.7, beta = 10, kappa = 1.01), because the authors' cache quantizes with
+//!   HQQ; give `"minmax"` for adaquant's plain min-max groups.
 //! - `score`, `model`, `compute_dtype`, `device`: accepted and ignored (the norms come from `norms`).
 //!
 //! Every invalid value is a [`CacheError::Field`] naming the field.
@@ -25,6 +29,7 @@ use serde_json::Value;
 
 use crate::alloc::{allocate_groups, BitBudget, Sensitivities, Solver, DEFAULT_GROUP_SIZES};
 use crate::config::{LayerPrecision, Precision, QuantCacheConfig};
+use crate::quantizer::Quantizer;
 use crate::{CacheError, Result};
 
 /// The authors' default residual length.
@@ -69,6 +74,8 @@ pub struct KvqConfig {
     pub axis: (GroupAxis, GroupAxis),
     pub sinks: usize,
     pub norms: Option<Sensitivities>,
+    /// The quantizer family of every quantized side (default HQQ, the authors' quantizer).
+    pub quantizer: Quantizer,
 }
 
 fn field_err(field: &str, msg: impl Into<String>) -> CacheError {
@@ -155,7 +162,7 @@ impl KvqConfig {
     /// Parses a kvq config from a JSON value.
     pub fn from_value(v: &Value) -> Result<KvqConfig> {
         let m = v.as_object().ok_or_else(|| field_err("kvq", "expected a JSON object"))?;
-        const KNOWN: [&str; 14] = [
+        const KNOWN: [&str; 15] = [
             "nbits",
             "budget",
             "bit_range",
@@ -166,6 +173,7 @@ impl KvqConfig {
             "axis",
             "sinks",
             "norms",
+            "quantizer",
             "score",
             "model",
             "compute_dtype",
@@ -240,7 +248,24 @@ impl KvqConfig {
                 Sensitivities::new(list("w_k")?, list("w_v")?).map_err(|e| field_err("norms", e.to_string()))
             })
             .transpose()?;
-        Ok(KvqConfig { nbits, budget, bit_range, group_size, group_budget, group_range, residual, axis, sinks, norms })
+        let quantizer = match get("quantizer") {
+            None => Quantizer::Hqq,
+            Some(Value::String(q)) => q.parse().map_err(|e: String| field_err("quantizer", e))?,
+            Some(v) => return Err(field_err("quantizer", format!("expected a name such as \"hqq\", got {v}"))),
+        };
+        Ok(KvqConfig {
+            nbits,
+            budget,
+            bit_range,
+            group_size,
+            group_budget,
+            group_range,
+            residual,
+            axis,
+            sinks,
+            norms,
+            quantizer,
+        })
     }
 
     /// Translates to a [`QuantCacheConfig`] for a model with `n_layers` layers. `norms` (the sensitivities for
@@ -295,7 +320,7 @@ impl KvqConfig {
         };
         let with = |p: Precision, group: usize, axis: GroupAxis| match p {
             Precision::Full => Precision::Full,
-            Precision::Quant(s) => Precision::Quant(QuantSpec { group, axis, ..s }),
+            Precision::Quant(s) => Precision::Quant(self.quantizer.apply(QuantSpec { group, axis, ..s })),
         };
         let layers = (0..n_layers)
             .map(|i| LayerPrecision {
@@ -318,15 +343,46 @@ mod tests {
         }
     }
 
+    /// Every quantized side of `c` with the HQQ zero point, as kvq configs default to.
+    fn hqq(mut c: QuantCacheConfig) -> QuantCacheConfig {
+        for l in &mut c.layers {
+            for p in [&mut l.k, &mut l.v] {
+                if let Precision::Quant(s) = p {
+                    *s = Quantizer::Hqq.apply(*s);
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn kvq_configs_mean_hqq_unless_they_say_otherwise() {
+        let c = KvqConfig::from_json(r#"{"nbits": {"k": 4, "v": 2}}"#).unwrap().to_config(2, None).unwrap();
+        for l in &c.layers {
+            assert_eq!(l.k.spec().unwrap().zero, adaquant_kernels::ZeroPoint::HQQ);
+            assert_eq!(l.v.spec().unwrap().zero, adaquant_kernels::ZeroPoint::HQQ);
+        }
+        assert!(c.describe().ends_with(" hqq"), "{}", c.describe());
+        let c = KvqConfig::from_json(r#"{"nbits": {"k": 4, "v": 2}, "quantizer": "minmax"}"#)
+            .unwrap()
+            .to_config(2, None)
+            .unwrap();
+        assert_eq!(c, QuantCacheConfig::split(2, Bits::B4, Bits::B2).with_residual(64));
+        let c = KvqConfig::from_json(r#"{"nbits": 3, "quantizer": "rot-lloyd"}"#).unwrap().to_config(1, None).unwrap();
+        assert_eq!(Quantizer::of(c.layers[0].k.spec().unwrap()), Quantizer::RotLloyd);
+        assert_eq!(field_of(KvqConfig::from_json(r#"{"nbits": 4, "quantizer": "turbo"}"#)), "quantizer");
+        assert_eq!(field_of(KvqConfig::from_json(r#"{"nbits": 4, "quantizer": 3}"#)), "quantizer");
+    }
+
     #[test]
     fn fixed_widths_translate() {
         let c = KvqConfig::from_json(r#"{"nbits": {"k": 4, "v": 2}, "residual_length": 128, "axis": 1}"#)
             .unwrap()
             .to_config(3, None)
             .unwrap();
-        assert_eq!(c, QuantCacheConfig::split(3, Bits::B4, Bits::B2));
+        assert_eq!(c, hqq(QuantCacheConfig::split(3, Bits::B4, Bits::B2)));
         let c = KvqConfig::from_json(r#"{"nbits": 8}"#).unwrap().to_config(2, None).unwrap();
-        assert_eq!(c, QuantCacheConfig::split(2, Bits::B8, Bits::B8).with_residual(64));
+        assert_eq!(c, hqq(QuantCacheConfig::split(2, Bits::B8, Bits::B8).with_residual(64)));
         let c = KvqConfig::from_json(
             r#"{"nbits": {"k": [8, 4], "v": 1.58}, "group_size": {"k": 32, "v": [64, 128, 32]},
                 "axis": {"k": "per_channel", "v": 1}, "residual_length": {"k": 64, "v": 64}, "sinks": 4,
@@ -335,10 +391,14 @@ mod tests {
         .unwrap()
         .to_config(3, None)
         .unwrap();
-        assert_eq!(c.layers[0].k, Precision::per_channel(Bits::B8, 32));
-        assert_eq!(c.layers[2].k, Precision::per_channel(Bits::B4, 32));
-        assert_eq!(c.layers[1].v, Precision::per_token(Bits::B1_58, 128));
-        assert_eq!(c.layers[2].v, Precision::per_token(Bits::B1_58, 32));
+        let plain = |p: Precision| match p {
+            Precision::Quant(s) => Precision::Quant(Quantizer::MinMax.apply(s)),
+            p => p,
+        };
+        assert_eq!(plain(c.layers[0].k), Precision::per_channel(Bits::B8, 32));
+        assert_eq!(plain(c.layers[2].k), Precision::per_channel(Bits::B4, 32));
+        assert_eq!(plain(c.layers[1].v), Precision::per_token(Bits::B1_58, 128));
+        assert_eq!(plain(c.layers[2].v), Precision::per_token(Bits::B1_58, 32));
         assert_eq!((c.residual, c.sinks), (64, 4));
         let c = KvqConfig::from_json(r#"{"nbits": {"k": 16, "v": 4}}"#).unwrap().to_config(1, None).unwrap();
         assert_eq!(c.layers[0].k, Precision::Full);

@@ -37,6 +37,7 @@ pub mod error;
 pub mod full;
 pub mod kvq;
 pub mod quant;
+pub mod quantizer;
 
 pub use alloc::{BitAllocation, BitBudget, BitPolicy, GroupBudget, Sensitivities, Solver};
 pub use config::{CacheSpec, LayerPrecision, Precision, QuantCacheConfig};
@@ -44,6 +45,7 @@ pub use error::{CacheError, Result};
 pub use full::{FullDtype, FullPrecisionCache};
 pub use kvq::KvqConfig;
 pub use quant::{expected_memory, Kv, QuantizedCache};
+pub use quantizer::Quantizer;
 
 use serde::{Deserialize, Serialize};
 

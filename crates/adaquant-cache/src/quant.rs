@@ -17,9 +17,17 @@
 //! keys and values are both unquantized keeps everything in its tails (no separate sinks), which is exactly what
 //! [`crate::FullPrecisionCache`] holds and hands to the same kernel, so an all-unquantized cache gives
 //! bit-identical outputs.
+//!
+//! A side whose spec carries a [`adaquant_kernels::Rotation`] is held entirely in a rotated basis (sinks, packed
+//! stream and tail): each KV head has its own seeded Hadamard rotation ([`adaquant_kernels::rotate`]), applied to
+//! every appended token (keys after RoPE, as the model hands them over) before it is stored. Rotated keys get the
+//! queries rotated by the same matrix, once per query and step, so scores are unchanged in exact arithmetic;
+//! rotated values give a rotated attention output, rotated back once per query and step. The rotation costs
+//! `O(head_dim log head_dim)` per appended token and per query, never per cached token.
 
 use adaquant_kernels::attn::{decode_attention, decode_attention_serial, HeadKv};
 use adaquant_kernels::quant::{PackedStream, PackedView};
+use adaquant_kernels::rotate::{head_seed, HadamardRotation};
 use rayon::prelude::*;
 
 use crate::config::{Precision, QuantCacheConfig};
@@ -60,6 +68,9 @@ struct Layer {
     tokens: usize,
     /// Exact leading tokens of this layer: the config's sinks, or 0 when both sides are unquantized.
     sinks: usize,
+    /// Per KV head, for sides whose spec rotates.
+    k_rot: Option<Vec<HadamardRotation>>,
+    v_rot: Option<Vec<HadamardRotation>>,
 }
 
 impl Layer {
@@ -67,6 +78,29 @@ impl Layer {
         match kv {
             Kv::K => &self.k,
             Kv::V => &self.v,
+        }
+    }
+
+    fn rotations(&self, kv: Kv) -> Option<&[HadamardRotation]> {
+        match kv {
+            Kv::K => self.k_rot.as_deref(),
+            Kv::V => self.v_rot.as_deref(),
+        }
+    }
+}
+
+/// Rotates (or, with `back`, un-rotates) each head of each `[rows][heads][head_dim]` row with its KV head's
+/// rotation; `heads` is a multiple of the number of rotations (query heads share their KV head's rotation).
+fn rotate_rows(rots: &[HadamardRotation], x: &mut [f32], heads: usize, d: usize, back: bool) {
+    let rep = heads / rots.len();
+    for row in x.chunks_exact_mut(heads * d) {
+        for (h, xh) in row.chunks_exact_mut(d).enumerate() {
+            let r = &rots[h / rep];
+            if back {
+                r.unrotate(xh);
+            } else {
+                r.rotate(xh);
+            }
         }
     }
 }
@@ -144,13 +178,28 @@ impl QuantizedCache {
                 })
                 .collect()
         };
+        let rotations = |p: &Precision, layer: usize, side: usize| -> Result<Option<Vec<HadamardRotation>>> {
+            let Some(r) = p.spec().and_then(|s| s.rotation) else { return Ok(None) };
+            (0..h)
+                .map(|head| HadamardRotation::new(d, head_seed(r.seed, layer, side, head)).map_err(Into::into))
+                .collect::<Result<Vec<_>>>()
+                .map(Some)
+        };
         let layers = config
             .layers
             .iter()
-            .map(|l| {
+            .enumerate()
+            .map(|(i, l)| {
                 let both_full = l.k == Precision::Full && l.v == Precision::Full;
                 let sinks = if both_full { 0 } else { config.sinks };
-                Ok(Layer { k: side(&l.k)?, v: side(&l.v)?, tokens: 0, sinks })
+                Ok(Layer {
+                    k: side(&l.k)?,
+                    v: side(&l.v)?,
+                    tokens: 0,
+                    sinks,
+                    k_rot: rotations(&l.k, i, 0)?,
+                    v_rot: rotations(&l.v, i, 1)?,
+                })
             })
             .collect::<Result<_>>()?;
         Ok(QuantizedCache { shape, config, layers })
@@ -166,8 +215,14 @@ impl QuantizedCache {
         self.layers.get(layer)?.side(kv).get(head)?.packed.as_ref().map(PackedStream::view)
     }
 
-    /// The exact parts of one side of one KV head: (sinks, tail), each `[tokens][head_dim]`. A layer whose both
-    /// sides are unquantized keeps everything in the tail.
+    /// The rotation of one side of one KV head (`None` for sides that are not rotated).
+    pub fn rotation(&self, layer: usize, kv: Kv, head: usize) -> Option<&HadamardRotation> {
+        self.layers.get(layer)?.rotations(kv)?.get(head)
+    }
+
+    /// The exact parts of one side of one KV head: (sinks, tail), each `[tokens][head_dim]`, as stored (rotated
+    /// when the side rotates; see [`Self::rotation`]). A layer whose both sides are unquantized keeps everything in
+    /// the tail.
     pub fn exact_parts(&self, layer: usize, kv: Kv, head: usize) -> Option<(Vec<f32>, Vec<f32>)> {
         let s = self.layers.get(layer)?.side(kv).get(head)?;
         Some((s.sink.clone(), s.live_tail(self.shape.head_dim).to_vec()))
@@ -195,6 +250,31 @@ impl QuantizedCache {
         }
         let d = shape.head_dim;
         let sinks = l.sinks;
+        // Rotated sides store rotated tokens; queries meet rotated keys in the same basis.
+        let (k_rotated, v_rotated, q_rotated);
+        let (k, v) = (
+            match &l.k_rot {
+                Some(r) => {
+                    k_rotated = rotated(r, k, shape.n_kv_heads, d);
+                    &k_rotated[..]
+                }
+                None => k,
+            },
+            match &l.v_rot {
+                Some(r) => {
+                    v_rotated = rotated(r, v, shape.n_kv_heads, d);
+                    &v_rotated[..]
+                }
+                None => v,
+            },
+        );
+        let attend = match (attend, &l.k_rot) {
+            (Some((q, out)), Some(r)) => {
+                q_rotated = rotated(r, q, shape.n_q_heads, d);
+                Some((&q_rotated[..], out))
+            }
+            (a, _) => a,
+        };
         let qk0 = prec.k.quantized_tokens(t0, residual, sinks);
         let qv0 = prec.v.quantized_tokens(t0, residual, sinks);
         let flush_k = prec.k.quantized_tokens(t0 + n, residual, sinks) - qk0;
@@ -237,6 +317,9 @@ impl QuantizedCache {
                     .enumerate()
                     .try_for_each(|(i, (qi, oi))| decode_attention_serial(qi, &heads_at(i), d, scale, oi))?;
             }
+            if let Some(r) = &l.v_rot {
+                rotate_rows(r, out, shape.n_q_heads, d, true);
+            }
             Ok(())
         };
         if let Err(e) = grow_and_attend() {
@@ -251,7 +334,8 @@ impl QuantizedCache {
     }
 
     /// One side of one KV head as attention sees it now, `[tokens][head_dim]`: sinks, then the dequantized packed
-    /// stream (reference dequantizer), then the tail.
+    /// stream (reference dequantizer), then the tail; rotated sides are rotated back (reference transform), so this
+    /// is the history in the model's basis.
     pub fn materialize(&self, layer: usize, kv: Kv, head: usize) -> Result<Vec<f32>> {
         let (sink, tail) = self
             .exact_parts(layer, kv, head)
@@ -263,6 +347,9 @@ impl QuantizedCache {
             adaquant_kernels::quant::dequantize_ref(&view, &mut out[start..])?;
         }
         out.extend_from_slice(&tail);
+        if let Some(r) = self.rotation(layer, kv, head) {
+            out = r.unrotate_ref(&out);
+        }
         Ok(out)
     }
 }
@@ -292,6 +379,13 @@ impl Mark {
             }
         }
     }
+}
+
+/// A rotated copy of `[rows][heads][head_dim]` rows.
+fn rotated(rots: &[HadamardRotation], x: &[f32], heads: usize, d: usize) -> Vec<f32> {
+    let mut y = x.to_vec();
+    rotate_rows(rots, &mut y, heads, d, false);
+    y
 }
 
 /// Appends `n` tokens of one side (`x` is `[n][n_kv_heads][head_dim]`) to every head: sinks first, the rest to the

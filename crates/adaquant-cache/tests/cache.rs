@@ -4,7 +4,7 @@
 use adaquant_cache::quant::{side_split, EXACT_BYTES};
 use adaquant_cache::{
     expected_memory, CacheError, CacheShape, CacheSpec, FullDtype, FullPrecisionCache, Kv, KvCache, LayerPrecision,
-    Precision, QuantCacheConfig, QuantizedCache,
+    Precision, QuantCacheConfig, QuantizedCache, Quantizer,
 };
 use adaquant_kernels::attn::{decode_attention_ref, HeadKv};
 use adaquant_kernels::quant::quantize;
@@ -93,7 +93,31 @@ fn configs() -> Vec<QuantCacheConfig> {
         },
         mixed,
         f32_meta,
+        quantizer_mix(),
     ]
+}
+
+/// Every quantizer family on some side of some layer: HQQ, rotated min-max keys with Lloyd-Max values, rotated
+/// Lloyd-Max on both sides in per-channel and ternary layouts, rotated values only.
+fn quantizer_mix() -> QuantCacheConfig {
+    let q = |f: Quantizer, p: Precision| match p {
+        Precision::Quant(s) => Precision::Quant(f.apply(s)),
+        p => p,
+    };
+    let mut c = QuantCacheConfig::split(3, Bits::B4, Bits::B2).with_residual(16).with_sinks(2);
+    c.layers[0] = LayerPrecision::new(
+        q(Quantizer::Hqq, Precision::per_channel(Bits::B3, 16)),
+        q(Quantizer::RotLloyd, Precision::per_token(Bits::B2, 32)),
+    );
+    c.layers[1] = LayerPrecision::new(
+        q(Quantizer::RotMinMax, Precision::per_token(Bits::B4, 16)),
+        q(Quantizer::Lloyd, Precision::per_channel(Bits::B1_58, 8)),
+    );
+    c.layers[2] = LayerPrecision::new(
+        q(Quantizer::RotLloyd, Precision::per_channel(Bits::B4, 16)),
+        q(Quantizer::RotHqq, Precision::per_token(Bits::B3, 64)),
+    );
+    c
 }
 
 #[test]
@@ -163,6 +187,18 @@ fn every_value_is_quantized_once_from_the_original_input() {
             for (kv, p, x) in [(Kv::K, prec.k, &s.k), (Kv::V, prec.v, &s.v)] {
                 let (ns, nq, nt) = side_split(&p, n, config.residual, config.sinks);
                 for head in 0..shape.n_kv_heads {
+                    // A rotated side holds every token rotated by its head's rotation (the fast transform).
+                    let head_rows = |x: &[f32], shape: &CacheShape, head: usize, range: std::ops::Range<usize>| {
+                        let mut rows = head_rows(x, shape, head, range);
+                        if let Some(r) = cache.rotation(layer, kv, head) {
+                            r.rotate(&mut rows);
+                        }
+                        rows
+                    };
+                    assert_eq!(
+                        cache.rotation(layer, kv, head).is_some(),
+                        p.spec().is_some_and(|s| s.rotation.is_some())
+                    );
                     let (sink, tail) = cache.exact_parts(layer, kv, head).unwrap();
                     match p.spec() {
                         None => {

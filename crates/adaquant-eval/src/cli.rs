@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use adaquant_cache::{CacheShape, CacheSpec, KvCache};
+use adaquant_cache::{CacheShape, CacheSpec, KvCache, Quantizer};
 use adaquant_kernels::GroupAxis;
 use adaquant_model::{paths, Model, ModelConfig};
 use anyhow::{anyhow, bail, Context};
@@ -151,6 +151,11 @@ pub struct SweepArgs {
     /// Group layouts of values.
     #[arg(long, value_delimiter = ',', default_value = "per-token")]
     pub v_axis: Vec<GroupAxis>,
+    /// Quantizer families: minmax, hqq (HQQ zero points: 20 iterations, p 0.7, beta 10, kappa 1.01), rot-minmax,
+    /// rot-hqq (random-sign Hadamard rotation per KV head first), lloyd, rot-lloyd (Lloyd-Max levels of a unit
+    /// Gaussian, one f16 scale per group; widths 1, 1.58, 2, 3, 4).
+    #[arg(long, value_delimiter = ',', default_value = "minmax")]
+    pub quantizer: Vec<Quantizer>,
     /// Most recent tokens kept in full precision (per-channel groups need a multiple of the group size).
     #[arg(long, value_delimiter = ',', default_value = "128")]
     pub residual: Vec<usize>,
@@ -234,14 +239,25 @@ fn parse_points(a: &SweepArgs) -> anyhow::Result<Vec<PointSpec>> {
         v_axis: a.v_axis[0],
         residual: 0,
         sinks: 0,
+        quantizer: Quantizer::MinMax,
     }];
     for &group in &a.group {
         for &k_axis in &a.k_axis {
             for &v_axis in &a.v_axis {
                 for &residual in &a.residual {
                     for &sinks in &a.sinks {
-                        for policy in &policies {
-                            points.push(PointSpec { policy: policy.clone(), group, k_axis, v_axis, residual, sinks });
+                        for &quantizer in &a.quantizer {
+                            for policy in &policies {
+                                points.push(PointSpec {
+                                    policy: policy.clone(),
+                                    group,
+                                    k_axis,
+                                    v_axis,
+                                    residual,
+                                    sinks,
+                                    quantizer,
+                                });
+                            }
                         }
                     }
                 }
@@ -738,5 +754,28 @@ mod tests {
         let names: Vec<String> = parse_points(&ok).unwrap().iter().map(PointSpec::name).collect();
         assert_eq!(names, ["full", "K4V2", "K8V4", "budget4 weight_spec", "budget4 kl"]);
         assert!(Cli::try_parse_from(["x", "--k-axis", "diagonal"]).is_err());
+    }
+
+    #[test]
+    fn quantizers_are_a_grid_dimension() {
+        let a = Cli::parse_from([
+            "x",
+            "--pairs",
+            "4:2,2:2",
+            "--quantizer",
+            "minmax,hqq,rot-minmax,rot-lloyd",
+            "--k-axis",
+            "per-token,per-channel",
+            "--no-budget",
+        ])
+        .sweep;
+        let pts = parse_points(&a).unwrap();
+        assert_eq!(pts.len(), 1 + 2 * 4 * 2);
+        let keys: std::collections::HashSet<String> = pts.iter().map(PointSpec::config_key).collect();
+        assert_eq!(keys.len(), pts.len());
+        assert!(pts.iter().any(|p| p.name() == "K2V2 rot-lloyd" && p.k_axis == GroupAxis::PerChannel));
+        assert_eq!(pts.iter().filter(|p| p.quantizer == Quantizer::Hqq).count(), 4);
+        let err = Cli::try_parse_from(["x", "--quantizer", "turbo"]).err().unwrap().to_string();
+        assert!(err.contains("rot-lloyd"), "{err}");
     }
 }

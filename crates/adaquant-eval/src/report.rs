@@ -10,7 +10,10 @@
 //! - `<slug>-heatmap-ppl-<layout>` and `<slug>-heatmap-kl-<layout>`: fixed-split points on the K-bits by V-bits
 //!   grid, one pair per quantization layout, axes over the union of the widths so the outlined diagonal is K = V;
 //! - `<slug>-ppl-vs-bits`, `-kl-vs-bits`, `-top1-vs-bits` and `-<task>-vs-bits`: every point against its measured
-//!   bits per element, with the Pareto front.
+//!   bits per element, with the Pareto front;
+//! - `<slug>-kl-vs-packed-bits`: every quantized point's mean KL against the packed bits per element of its history
+//!   (codes and metadata, exact window left out), one colour per quantizer family (per-channel keys count as their
+//!   own family), with one Pareto front over all of them.
 //!
 //! Rows whose exact window and sinks covered every scored position quantized nothing: they are marked ‡ (their
 //! numbers equal the full-precision cache's by construction), as task accuracies that never reached the quantized
@@ -176,7 +179,20 @@ fn layout(r: &PointResult) -> String {
     if r.sinks > 0 {
         let _ = write!(s, " s{}", r.sinks);
     }
+    if !r.quantizer.is_empty() && r.quantizer != "minmax" {
+        let _ = write!(s, " {}", r.quantizer);
+    }
     s
+}
+
+/// The quantizer family of a record for the comparison plot: the quantizer, with per-channel keys marked.
+fn family(r: &PointResult) -> String {
+    let q = if r.quantizer.is_empty() { "minmax" } else { r.quantizer.as_str() };
+    if r.k_axis == "per_channel" {
+        format!("{q} (per-channel K)")
+    } else {
+        q.to_string()
+    }
 }
 
 fn layout_slug(r: &PointResult) -> String {
@@ -240,9 +256,10 @@ pub fn markdown_table(records: &[PointResult]) -> String {
         let base = rs.iter().find(|r| r.policy == "full").map(|r| r.ppl);
         let task_names: BTreeSet<&str> = rs.iter().flat_map(|r| r.tasks.keys().map(String::as_str)).collect();
         let _ = writeln!(out, "### {title}\n");
-        let mut head = "| config | policy | K bits | V bits | layout | bits/elt | KV KiB | quantized | PPL | dPPL | KL mean | KL p99 | top-1 |".to_string();
+        let mut head = "| config | policy | K bits | V bits | layout | packed bits | bits/elt | KV KiB | quantized | PPL | dPPL | KL mean | KL p99 | top-1 |".to_string();
         let mut rule =
-            "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |".to_string();
+            "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+                .to_string();
         for t in &task_names {
             let _ = write!(head, " {t} |");
             rule.push_str(" ---: |");
@@ -264,12 +281,13 @@ pub fn markdown_table(records: &[PointResult]) -> String {
             };
             let _ = write!(
                 out,
-                "| {} | {} | {} | {} | {} | {:.3} | {:.1} | {} | {:.3} ± {:.3} | {} | {:.5} | {:.4} | {:.4} |",
+                "| {} | {} | {} | {} | {} | {} | {:.3} | {:.1} | {} | {:.3} ± {:.3} | {} | {:.5} | {:.4} | {:.4} |",
                 r.name,
                 r.policy,
                 side_label(r, r.k_bits),
                 side_label(r, r.v_bits),
                 layout(r),
+                if r.packed_bits > 0.0 { format!("{:.3}", r.packed_bits) } else { "-".into() },
                 r.bits_per_element,
                 r.kv_bytes as f64 / 1024.0,
                 quantized,
@@ -439,6 +457,33 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
                     plot_atomic(dir, &format!("{prefix}heatmap-{metric}-{slug}"), |stem| heatmap(&chart, stem))?;
                 files.plots.extend([svg, png]);
             }
+        }
+        // Every quantizer family on one Pareto plot of mean KL against packed bits.
+        let quantized: Vec<&&PointResult> =
+            rs.iter().filter(|r| r.policy != "full" && r.packed_bits > 0.0 && r.kl_mean > 0.0).collect();
+        let families: Vec<String> = quantized.iter().map(|r| family(r)).collect::<BTreeSet<_>>().into_iter().collect();
+        if quantized.len() >= 2 {
+            let chart = Scatter {
+                title: format!("mean KL vs packed bits per element, every quantizer ({sub})"),
+                x_label: "packed bits per K/V element (codes and metadata; exact window left out)".into(),
+                y_label: "mean KL".into(),
+                points: quantized
+                    .iter()
+                    .map(|r| ScatterPoint {
+                        x: r.packed_bits,
+                        y: r.kl_mean,
+                        label: Some(r.name.clone()),
+                        group: families.iter().position(|f| *f == family(r)).unwrap_or(0),
+                    })
+                    .collect(),
+                group_names: families.clone(),
+                pareto: Some(ParetoGoal::MinimizeY),
+                log_y: true,
+                ..Scatter::default()
+            };
+            let [svg, png] =
+                plot_atomic(dir, &format!("{prefix}kl-vs-packed-bits"), |stem| scatter_pareto(&chart, stem))?;
+            files.plots.extend([svg, png]);
         }
         // Metrics against bits per element with the Pareto front.
         let policies: Vec<&str> = vec!["full", "fixed", "budget"];

@@ -56,6 +56,14 @@ pub struct PointResult {
     pub v_axis: String,
     pub residual: usize,
     pub sinks: usize,
+    /// Quantizer family (`minmax`, `hqq`, `rot-minmax`, `rot-hqq`, `lloyd`, `rot-lloyd`); empty for the
+    /// full-precision point and for records written before quantizers were selectable (min-max).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub quantizer: String,
+    /// Bits per element of the packed history alone (codes and metadata; the exact window and sinks left out),
+    /// averaged over layers, keys and values; 0 in records written before it was recorded.
+    #[serde(default)]
+    pub packed_bits: f64,
     /// Average bit budget of a `budget` point.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<f64>,

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use adaquant_cache::alloc::{BitBudget, Sensitivities};
 use adaquant_cache::config::{CacheSpec, LayerPrecision, Precision, QuantCacheConfig};
-use adaquant_cache::{CacheShape, KvCache};
+use adaquant_cache::{CacheShape, KvCache, Quantizer};
 use adaquant_kernels::{Bits, GroupAxis, QuantSpec};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -117,6 +117,9 @@ pub struct PointSpec {
     pub v_axis: GroupAxis,
     pub residual: usize,
     pub sinks: usize,
+    /// Quantizer family of every quantized side (zero point, levels, rotation); min-max when absent.
+    #[serde(default)]
+    pub quantizer: Quantizer,
 }
 
 fn axis_short(a: GroupAxis) -> &'static str {
@@ -127,25 +130,35 @@ fn axis_short(a: GroupAxis) -> &'static str {
 }
 
 impl PointSpec {
-    /// Short display name: `full`, `K4V2`, `budget4 weight_fro`.
+    /// Short display name: `full`, `K4V2`, `budget4 weight_fro`, with the quantizer appended when it is not
+    /// min-max (`K4V2 hqq`).
     pub fn name(&self) -> String {
-        match &self.policy {
-            PolicySpec::Full => "full".into(),
+        let base = match &self.policy {
+            PolicySpec::Full => return "full".into(),
             PolicySpec::Fixed { k, v } => format!("K{}V{}", side_name(*k), side_name(*v)),
             PolicySpec::Budget { avg_bits, sensitivity } => format!("budget{avg_bits} {}", sensitivity.name()),
+        };
+        match self.quantizer {
+            Quantizer::MinMax => base,
+            q => format!("{base} {q}"),
         }
     }
 
-    /// The layout part of the key: group, axes, exact window and sinks.
+    /// The layout part of the key: group, axes, exact window and sinks, then `|q<quantizer>` unless the quantizer
+    /// is min-max (so keys recorded before quantizers were selectable still match).
     pub fn layout_key(&self) -> String {
-        format!(
+        let mut key = format!(
             "g{}|k{}|v{}|r{}|s{}",
             self.group,
             axis_short(self.k_axis),
             axis_short(self.v_axis),
             self.residual,
             self.sinks
-        )
+        );
+        if self.quantizer != Quantizer::MinMax {
+            key.push_str(&format!("|q{}", self.quantizer));
+        }
+        key
     }
 
     /// The configuration part of the key (layout included, so grids over layouts stay distinct).
@@ -161,7 +174,7 @@ impl PointSpec {
     }
 
     fn quant_spec(&self, bits: Bits, axis: GroupAxis) -> QuantSpec {
-        QuantSpec::new(bits, self.group, axis)
+        self.quantizer.apply(QuantSpec::new(bits, self.group, axis))
     }
 
     fn precision(&self, bits: SideBits, axis: GroupAxis) -> Precision {
@@ -551,7 +564,7 @@ pub fn measure_kl_sensitivities(
     let mut progress = Progress::new("sensitivities (kl)", 2 * n_layers as u64, "layers");
     let mut measure = |layer: usize, keys: bool| -> Result<f64> {
         let mut layers = vec![LayerPrecision::full(); n_layers];
-        let p = Precision::Quant(QuantSpec::new(Bits::B2, point.group, if keys { point.k_axis } else { point.v_axis }));
+        let p = Precision::Quant(point.quant_spec(Bits::B2, if keys { point.k_axis } else { point.v_axis }));
         if keys {
             layers[layer].k = p;
         } else {
@@ -621,6 +634,22 @@ pub fn resolve_layers(
             Ok(Some(alloc.layers(point.quant_spec(Bits::B4, point.k_axis), point.quant_spec(Bits::B4, point.v_axis))))
         }
     }
+}
+
+/// Bits per element of the packed history (codes and metadata, the exact window and sinks left out), averaged over
+/// layers and over keys and values; 16 for an unquantized side. This is the storage cost of a configuration in a
+/// long context, the x axis of the quantizer comparison.
+pub fn packed_bits(layers: &[LayerPrecision], head_dim: usize) -> f64 {
+    let side = |p: &Precision| match p.spec() {
+        None => 16.0,
+        Some(s) => {
+            // A whole number of packing units and groups on either layout.
+            let tokens = 40 * s.group;
+            8.0 * s.bytes(tokens, 1, head_dim) as f64 / (tokens * head_dim) as f64
+        }
+    };
+    let sum: f64 = layers.iter().map(|l| side(&l.k) + side(&l.v)).sum();
+    sum / (2 * layers.len().max(1)) as f64
 }
 
 fn now_secs() -> u64 {
@@ -827,6 +856,7 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
                 }
             }
         };
+        let packed_bits = layers.as_ref().map_or(16.0, |ls| packed_bits(ls, shape.head_dim));
         let (budget, sensitivity) = match &point.policy {
             PolicySpec::Budget { avg_bits, sensitivity } => (Some(*avg_bits), Some(sensitivity.name())),
             _ => (None, None),
@@ -849,6 +879,8 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
             k_axis: if full { String::new() } else { point.k_axis.to_string() },
             v_axis: if full { String::new() } else { point.v_axis.to_string() },
             residual: if full { 0 } else { point.residual },
+            quantizer: if full { String::new() } else { point.quantizer.to_string() },
+            packed_bits,
             sinks: if full { 0 } else { point.sinks },
             budget,
             sensitivity,
@@ -917,6 +949,7 @@ mod tests {
             v_axis: GroupAxis::PerToken,
             residual,
             sinks: 0,
+            quantizer: Quantizer::MinMax,
         };
         let n_layers = lm.cache_shape(32).n_layers;
         for (bits, residual) in [(3.0, 0), (4.0, 0), (5.0, 0)] {
@@ -975,8 +1008,20 @@ mod tests {
             v_axis: GroupAxis::PerToken,
             residual: 128,
             sinks: 4,
+            quantizer: Quantizer::MinMax,
         };
         assert_eq!(p.name(), "K4V2");
+        let key_before_quantizers = "fixed|K4|V2|g64|kchan|vtok|r128|s4";
+        assert_eq!(p.config_key(), key_before_quantizers, "min-max keys are unchanged");
+        for q in Quantizer::ALL.into_iter().skip(1) {
+            let r = PointSpec { quantizer: q, ..p.clone() };
+            assert_eq!(r.config_key(), format!("{key_before_quantizers}|q{q}"));
+            assert_eq!(r.name(), format!("K4V2 {q}"));
+            assert_eq!(
+                r.layers_fixed(1).unwrap()[0].v,
+                Precision::Quant(q.apply(QuantSpec::new(Bits::B2, 64, GroupAxis::PerToken)))
+            );
+        }
         let mut q = p.clone();
         q.k_axis = GroupAxis::PerToken;
         assert_ne!(p.config_key(), q.config_key());
@@ -1003,6 +1048,7 @@ mod tests {
             v_axis: GroupAxis::PerToken,
             residual: 128,
             sinks: 0,
+            quantizer: Quantizer::MinMax,
         };
         let hs = dir.join("hellaswag.jsonl");
         let sens = dir.join("act_fro.json");
@@ -1123,5 +1169,34 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod packed_bits_tests {
+    use super::*;
+
+    #[test]
+    fn packed_bits_count_codes_and_metadata() {
+        let point = |k, v, quantizer| PointSpec {
+            policy: PolicySpec::Fixed { k: Some(k), v: Some(v) },
+            group: 64,
+            k_axis: GroupAxis::PerToken,
+            v_axis: GroupAxis::PerToken,
+            residual: 128,
+            sinks: 0,
+            quantizer,
+        };
+        let bits = |k, v, q| packed_bits(&point(k, v, q).layers_fixed(2).unwrap(), 64);
+        // Two f16 metadata entries per group of 64 add half a bit; Lloyd-Max stores one.
+        assert!((bits(Bits::B4, Bits::B2, Quantizer::MinMax) - 3.5).abs() < 1e-12);
+        assert!((bits(Bits::B2, Bits::B2, Quantizer::Hqq) - 2.5).abs() < 1e-12);
+        assert!((bits(Bits::B3, Bits::B2, Quantizer::RotLloyd) - 2.75).abs() < 1e-12);
+        assert!((bits(Bits::B1_58, Bits::B1_58, Quantizer::RotLloyd) - 1.85).abs() < 1e-12);
+        let full = PointSpec {
+            policy: PolicySpec::Fixed { k: None, v: Some(Bits::B4) },
+            ..point(Bits::B4, Bits::B4, Quantizer::MinMax)
+        };
+        assert!((packed_bits(&full.layers_fixed(1).unwrap(), 64) - (16.0 + 4.5) / 2.0).abs() < 1e-12);
     }
 }

@@ -17,7 +17,7 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 fn point(policy: PolicySpec, group: usize, k_axis: GroupAxis, residual: usize) -> PointSpec {
-    PointSpec { policy, group, k_axis, v_axis: GroupAxis::PerToken, residual, sinks: 0 }
+    PointSpec { policy, group, k_axis, v_axis: GroupAxis::PerToken, residual, sinks: 0, quantizer: Default::default() }
 }
 
 fn k4v2() -> PolicySpec {

@@ -1,6 +1,6 @@
 //! Checks on the real SmolLM2 model and WikiText-2 (skipped with a message when they are absent).
 
-use adaquant_cache::{CacheSpec, LayerPrecision, Precision, QuantCacheConfig};
+use adaquant_cache::{CacheSpec, LayerPrecision, Precision, QuantCacheConfig, Quantizer};
 use adaquant_eval::lm::{LanguageModel, WeightNorm};
 use adaquant_eval::metrics::{window_logprobs, window_logprobs_stepwise};
 use adaquant_kernels::{Bits, GroupAxis, QuantSpec};
@@ -20,6 +20,11 @@ impl LayerHook for Capture {
         e.1.extend_from_slice(taps.k);
         e.2.extend_from_slice(taps.v);
     }
+}
+
+/// `prec` with a quantizer family.
+fn fam(q: Quantizer, bits: Bits, group: usize, axis: GroupAxis) -> Precision {
+    Precision::Quant(q.apply(QuantSpec::new(bits, group, axis)))
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -67,6 +72,11 @@ fn parallel_equals_stepwise_on_the_real_model() {
         (prec(Bits::B8, 16, chan), prec(Bits::B5, 16, chan), 0, 4),
         (Precision::Full, prec(Bits::B6, 16, chan), 0, 0),
         (prec(Bits::B1, 32, tok), Precision::Full, 0, 0),
+        // Every quantizer family: HQQ, rotations (keys after RoPE, queries and outputs once per step), Lloyd-Max.
+        (fam(Quantizer::Hqq, Bits::B4, 64, tok), fam(Quantizer::Hqq, Bits::B2, 64, tok), 8, 2),
+        (fam(Quantizer::RotMinMax, Bits::B3, 16, chan), fam(Quantizer::RotHqq, Bits::B2, 32, tok), 16, 0),
+        (fam(Quantizer::RotLloyd, Bits::B2, 64, tok), fam(Quantizer::RotLloyd, Bits::B1_58, 16, chan), 0, 1),
+        (fam(Quantizer::Lloyd, Bits::B4, 16, chan), fam(Quantizer::RotLloyd, Bits::B3, 64, tok), 0, 0),
     ];
     for (k, v, residual, sinks) in layouts {
         let spec =

@@ -28,6 +28,7 @@ fn plan(out: PathBuf, shard: Option<Shard>) -> SweepPlan {
         v_axis: GroupAxis::PerToken,
         residual: 4,
         sinks: 0,
+        quantizer: Default::default(),
     };
     SweepPlan {
         points: vec![

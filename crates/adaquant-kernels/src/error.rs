@@ -68,6 +68,17 @@ pub enum Error {
     #[error("inconsistent packed view: {what}: expected {expected}, got {got}")]
     BadView { what: &'static str, expected: usize, got: usize },
 
+    /// A combination of settings adaquant does not implement.
+    #[error("{what} is not supported: {hint}")]
+    Unsupported { what: String, hint: &'static str },
+
+    /// A rotation for a head size without a power-of-two factor.
+    #[error(
+        "a Hadamard rotation (seed {seed}) needs head_dim to have a power-of-two factor of at least 2, got \
+         {head_dim}; rotate only models with even head sizes"
+    )]
+    RotationSize { head_dim: usize, seed: u64 },
+
     /// A CUDA error (driver, NVRTC, or missing library).
     #[error("cuda: {0}")]
     Cuda(String),

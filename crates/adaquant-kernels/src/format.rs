@@ -228,6 +228,9 @@ impl MetaDtype {
 }
 
 /// How the zero point (group minimum) is chosen.
+///
+/// In JSON: `{"kind": "min_max"}`, or `{"kind": "hqq"}` with any of `iters`, `p`, `beta` and `kappa`; a missing
+/// parameter takes the authors' default ([`ZeroPoint::HQQ`]).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum ZeroPoint {
@@ -235,7 +238,71 @@ pub enum ZeroPoint {
     #[default]
     MinMax,
     /// HQQ-style refinement of the zero point by half-quadratic iterations on an lp (p < 1) error.
-    Hqq { iters: u32, p: f32, beta: f32, kappa: f32 },
+    Hqq {
+        #[serde(default = "hqq_default_iters")]
+        iters: u32,
+        #[serde(default = "hqq_default_p")]
+        p: f32,
+        #[serde(default = "hqq_default_beta")]
+        beta: f32,
+        #[serde(default = "hqq_default_kappa")]
+        kappa: f32,
+    },
+}
+
+fn hqq_default_iters() -> u32 {
+    20
+}
+fn hqq_default_p() -> f32 {
+    0.7
+}
+fn hqq_default_beta() -> f32 {
+    10.0
+}
+fn hqq_default_kappa() -> f32 {
+    1.01
+}
+
+impl ZeroPoint {
+    /// HQQ with the authors' defaults (`mobiusml/hqq`, `optimize_weights_proximal`; the settings of the paper's
+    /// cache): 20 iterations, lp norm p = 0.7, beta = 10, beta multiplied by kappa = 1.01 after each iteration.
+    pub const HQQ: ZeroPoint = ZeroPoint::Hqq { iters: 20, p: 0.7, beta: 10.0, kappa: 1.01 };
+
+    /// Whether this is HQQ (any parameters).
+    pub fn is_hqq(&self) -> bool {
+        matches!(self, ZeroPoint::Hqq { .. })
+    }
+}
+
+/// The reconstruction levels of a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Levels {
+    /// Evenly spaced levels `min + code * scale` (a scale and a minimum per group).
+    #[default]
+    Uniform,
+    /// The Lloyd-Max levels of a unit Gaussian times the group's RMS, `scale * L[code]` (one scale per group, no
+    /// minimum); widths 1, 1.58, 2, 3 and 4. Meant for rotated data, whose coordinates are close to Gaussian.
+    /// See [`crate::quant::codebook`].
+    LloydMax,
+}
+
+impl Levels {
+    /// Whether these are the uniform levels (the default, left out of JSON).
+    pub fn is_uniform(&self) -> bool {
+        *self == Levels::Uniform
+    }
+}
+
+/// A fixed orthogonal transform applied to every token of a stream before it is quantized: a random +-1 diagonal
+/// from `seed` followed by a normalised Walsh-Hadamard transform (see [`crate::rotate`]). The packed stream holds
+/// rotated values; whoever holds it (the cache) rotates tokens on the way in, rotates queries to match keys, and
+/// rotates attention outputs back for values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Rotation {
+    /// Base seed of the sign patterns; the cache derives one pattern per layer, side and KV head from it.
+    #[serde(default)]
+    pub seed: u64,
 }
 
 /// A complete quantization recipe for one stream: width, group size, group axis, metadata type, zero point.
@@ -248,12 +315,49 @@ pub struct QuantSpec {
     pub meta: MetaDtype,
     #[serde(default)]
     pub zero: ZeroPoint,
+    /// Uniform (min-max or HQQ) or Lloyd-Max levels.
+    #[serde(default, skip_serializing_if = "Levels::is_uniform")]
+    pub levels: Levels,
+    /// Rotation of each token before quantization (`None`: quantize the values as they are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<Rotation>,
 }
 
 impl QuantSpec {
     /// A min-max spec with f16 metadata.
     pub fn new(bits: Bits, group: usize, axis: GroupAxis) -> QuantSpec {
-        QuantSpec { bits, group, axis, meta: MetaDtype::F16, zero: ZeroPoint::MinMax }
+        QuantSpec {
+            bits,
+            group,
+            axis,
+            meta: MetaDtype::F16,
+            zero: ZeroPoint::MinMax,
+            levels: Levels::Uniform,
+            rotation: None,
+        }
+    }
+
+    /// Whether groups store Lloyd-Max levels (one scale per group, no minimum).
+    pub fn is_codebook(&self) -> bool {
+        self.levels == Levels::LloydMax
+    }
+
+    /// Metadata entries per group: a scale and a minimum, or one scale for Lloyd-Max levels.
+    pub fn metas_per_group(&self) -> usize {
+        if self.is_codebook() {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// Number of stored minimums for `tokens` tokens of one head (none for Lloyd-Max levels).
+    pub fn n_mins(&self, tokens: usize, head_dim: usize) -> usize {
+        if self.is_codebook() {
+            0
+        } else {
+            self.n_groups(tokens, head_dim)
+        }
     }
 
     /// Checks that the group size works with this head dimension.
@@ -261,6 +365,23 @@ impl QuantSpec {
     pub fn validate(&self, head_dim: usize) -> Result<()> {
         if self.group == 0 {
             return Err(Error::ZeroGroup);
+        }
+        if self.is_codebook() {
+            if crate::quant::codebook::levels(self.bits).is_none() {
+                return Err(Error::Unsupported {
+                    what: format!("Lloyd-Max levels at {} bits", self.bits),
+                    hint: "Lloyd-Max codebooks exist for widths 1, 1.58, 2, 3 and 4",
+                });
+            }
+            if self.zero.is_hqq() {
+                return Err(Error::Unsupported {
+                    what: "an HQQ zero point with Lloyd-Max levels".into(),
+                    hint: "Lloyd-Max groups have a scale and no zero point; use min-max (the default) with them",
+                });
+            }
+        }
+        if let Some(r) = self.rotation {
+            crate::rotate::block_size(head_dim).map_err(|_| Error::RotationSize { head_dim, seed: r.seed })?;
         }
         if self.axis == GroupAxis::PerToken && !head_dim.is_multiple_of(self.group) {
             return Err(Error::GroupDoesNotDivide {
@@ -280,10 +401,11 @@ impl QuantSpec {
     }
 
     /// Exact bytes of `tokens` quantized tokens of `heads` KV heads: codes (one dense stream per head) plus
-    /// a scale and a minimum per group.
+    /// a scale and a minimum per group (only a scale for Lloyd-Max levels). A rotation adds nothing: its signs
+    /// come from the seed.
     pub fn bytes(&self, tokens: usize, heads: usize, head_dim: usize) -> usize {
-        let per_head =
-            self.bits.packed_bytes(tokens * head_dim) + 2 * self.meta.bytes() * self.n_groups(tokens, head_dim);
+        let per_head = self.bits.packed_bytes(tokens * head_dim)
+            + self.metas_per_group() * self.meta.bytes() * self.n_groups(tokens, head_dim);
         heads * per_head
     }
 }

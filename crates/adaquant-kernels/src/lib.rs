@@ -26,11 +26,12 @@ pub mod error;
 pub mod format;
 pub mod pack;
 pub mod quant;
+pub mod rotate;
 pub mod simd;
 pub mod skip;
 
 pub use attn::{decode_attention, decode_attention_ref, decode_attention_serial, HeadKv};
 pub use error::{Error, Result};
-pub use format::{Bits, GroupAxis, MetaDtype, QuantSpec, ZeroPoint};
+pub use format::{Bits, GroupAxis, Levels, MetaDtype, QuantSpec, Rotation, ZeroPoint};
 pub use quant::{MetaBuf, MetaView, PackedStream, PackedView};
 pub mod cuda;

@@ -432,3 +432,52 @@ fn overflowing_scores_are_a_typed_error_at_every_simd_level() {
     }
     set_simd_override(None);
 }
+
+/// Lloyd-Max views (keys, values or both) on every width with a codebook, both layouts, awkward sizes and group
+/// sizes that are and are not multiples of 8, at every SIMD level.
+#[test]
+fn lloyd_max_views_at_every_simd_level() {
+    use adaquant_kernels::Levels;
+    let _lock = lock();
+    let mut rng = common::rng(25);
+    let widths = [Bits::B1, Bits::B1_58, Bits::B2, Bits::B3, Bits::B4];
+    let lloyd = |s: QuantSpec| QuantSpec { levels: Levels::LloydMax, ..s };
+    let mut n = 0usize;
+    for level in levels() {
+        set_simd_override(Some(level));
+        for (i, kb) in widths.into_iter().enumerate() {
+            for (j, vb) in widths.into_iter().enumerate() {
+                for (a, (ka, va)) in AXES.into_iter().enumerate() {
+                    n += 1;
+                    // Head sizes 64 and 128 with groups of 32/64; head size 24 with groups of 12 (not a multiple of
+                    // 8, the portable fallback) or 8.
+                    let (d, kg, vg) = match n % 3 {
+                        0 => (64, 32, 64),
+                        1 => (128, 64, 32),
+                        _ => (24, if n.is_multiple_of(2) { 12 } else { 8 }, 12),
+                    };
+                    let kspec = QuantSpec::new(kb, kg, ka);
+                    let vspec = QuantSpec::new(vb, vg, va);
+                    // Codebook keys, values, or both (the other side min-max).
+                    let (kspec, vspec) = match n % 3 {
+                        0 => (lloyd(kspec), lloyd(vspec)),
+                        1 => (lloyd(kspec), vspec),
+                        _ => (kspec, lloyd(vspec)),
+                    };
+                    let case = Case {
+                        kspec,
+                        vspec,
+                        d,
+                        n_kv: 2,
+                        gqa: [1, 3, 4, 5][n % 4],
+                        sink: (i + a) % 2 * 5,
+                        ctx: [1, 7, 54, 97][(i + j) % 4] + if n.is_multiple_of(17) { 2000 } else { 0 },
+                        tail: if (i + j + a) % 2 == 0 { 0 } else { 37 },
+                    };
+                    check(&mut rng, &case);
+                }
+            }
+        }
+    }
+    set_simd_override(None);
+}

@@ -224,10 +224,31 @@ struct Layout {
     sinks: usize,
 }
 
+/// Quantizes a block of `tokens` tokens: (codes, scales, minimums, dequantized values). Uniform sides use the
+/// CUDA host twin; Lloyd-Max sides (no minimums) use the CPU quantizer, whose packed layout the GPU shares.
+fn quantize_side(block: &[f32], tokens: usize, d: usize, spec: &QuantSpec) -> (Vec<u8>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    if spec.is_codebook() {
+        let s = adaquant_kernels::quant::quantize(spec, d, block).unwrap();
+        let v = s.view();
+        let scales = (0..v.scales.len()).map(|i| v.scales.get(i)).collect();
+        let mut deq = vec![0f32; block.len()];
+        adaquant_kernels::quant::dequantize_ref(&v, &mut deq).unwrap();
+        return (v.codes.to_vec(), scales, Vec::new(), deq);
+    }
+    let p = reference::quantize_ref(block, tokens, d, spec).unwrap();
+    let deq = reference::dequantize_ref(&p, tokens, d, spec);
+    (p.codes, p.scale, p.min, deq)
+}
+
 /// Lays a batch out exactly as `DeviceKvCache` does (streams, metadata, sinks, tail rings with non-zero starts),
 /// runs the emulated fused kernel, and compares with the f64 reference over the same tokens.
 fn fused_case(c: &Layout, seed: u64) {
-    let spec = KernelSpec::Attn { k: c.k.bits, v: c.v.bits, head_dim: c.d };
+    let spec = if c.k.is_codebook() {
+        assert!(c.v.is_codebook(), "the Lloyd-Max kernels take Lloyd-Max keys and values");
+        KernelSpec::AttnLloyd { k: c.k.bits, v: c.v.bits, head_dim: c.d }
+    } else {
+        KernelSpec::Attn { k: c.k.bits, v: c.v.bits, head_dim: c.d }
+    };
     let dir = tmpdir(&format!("attn-{seed}"));
     let exe = build(&spec, &dir);
     let (h, d, batch) = (c.h, c.d, c.lens.len());
@@ -267,12 +288,11 @@ fn fused_case(c: &Layout, seed: u64) {
                 }
                 if q[si] > 0 {
                     let block: Vec<f32> = (s..s + q[si]).flat_map(row).copied().collect();
-                    let p = reference::quantize_ref(&block, q[si], d, spec).unwrap();
-                    codes[si][sid * strides[si]..][..p.codes.len()].copy_from_slice(&p.codes);
+                    let (pc, ps, pm, _) = quantize_side(&block, q[si], d, spec);
+                    codes[si][sid * strides[si]..][..pc.len()].copy_from_slice(&pc);
                     let mb = spec.meta.bytes();
-                    scs[si][sid * gcaps[si] * mb..][..p.scale.len() * mb]
-                        .copy_from_slice(&meta_bytes(&p.scale, spec.meta));
-                    mns[si][sid * gcaps[si] * mb..][..p.min.len() * mb].copy_from_slice(&meta_bytes(&p.min, spec.meta));
+                    scs[si][sid * gcaps[si] * mb..][..ps.len() * mb].copy_from_slice(&meta_bytes(&ps, spec.meta));
+                    mns[si][sid * gcaps[si] * mb..][..pm.len() * mb].copy_from_slice(&meta_bytes(&pm, spec.meta));
                 }
                 for (j, tt) in (s + q[si]..t).enumerate() {
                     let slot = (ring[si] + j) % wcap;
@@ -341,8 +361,7 @@ fn fused_case(c: &Layout, seed: u64) {
                     let mut o: Vec<f32> = (0..s).flat_map(row).collect();
                     if qn > 0 {
                         let block: Vec<f32> = (s..s + qn).flat_map(row).collect();
-                        let p = reference::quantize_ref(&block, qn, d, spec).unwrap();
-                        o.extend(reference::dequantize_ref(&p, qn, d, spec));
+                        o.extend(quantize_side(&block, qn, d, spec).3);
                     }
                     o.extend((s + qn..t).flat_map(row));
                     o
@@ -413,6 +432,54 @@ fn emulated_fused_attention_equals_the_reference() {
             sinks: 2,
         },
         3,
+    );
+}
+
+#[test]
+fn emulated_lloyd_max_attention_equals_the_reference() {
+    if gpp().is_none() {
+        eprintln!("SKIPPED emulated_lloyd_max_attention_equals_the_reference: g++ not found");
+        return;
+    }
+    let lloyd = |s: QuantSpec| QuantSpec { levels: adaquant_kernels::Levels::LloydMax, ..s };
+    fused_case(
+        &Layout {
+            lens: vec![1, 54, 197],
+            gqa: 4,
+            h: 2,
+            d: 128,
+            k: lloyd(QuantSpec::new(Bits::B4, 32, GroupAxis::PerChannel)),
+            v: lloyd(QuantSpec::new(Bits::B2, 32, GroupAxis::PerToken)),
+            residual: 16,
+            sinks: 4,
+        },
+        11,
+    );
+    fused_case(
+        &Layout {
+            lens: vec![300, 97],
+            gqa: 3,
+            h: 1,
+            d: 64,
+            k: lloyd(QuantSpec { meta: MetaDtype::F32, ..QuantSpec::new(Bits::B3, 64, GroupAxis::PerToken) }),
+            v: lloyd(QuantSpec { meta: MetaDtype::F32, ..QuantSpec::new(Bits::B1_58, 16, GroupAxis::PerChannel) }),
+            residual: 20,
+            sinks: 0,
+        },
+        12,
+    );
+    fused_case(
+        &Layout {
+            lens: vec![233, 1, 129],
+            gqa: 1,
+            h: 3,
+            d: 64,
+            k: lloyd(QuantSpec::new(Bits::B1, 16, GroupAxis::PerToken)),
+            v: lloyd(QuantSpec::new(Bits::B4, 64, GroupAxis::PerToken)),
+            residual: 8,
+            sinks: 2,
+        },
+        13,
     );
 }
 

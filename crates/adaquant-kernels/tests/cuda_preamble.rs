@@ -90,6 +90,20 @@ fn specialisation_defines_match_their_specs() {
                 assert_eq!(get("ADQ_BASELINE"), Some(1));
                 assert_eq!(get("ADQ_HEAD_DIM"), Some(head_dim));
             }
+            KernelSpec::AttnLloyd { k, v, head_dim } => {
+                assert_eq!(get("ADQ_K_WIDTH"), Some(layout::width_id(k)));
+                assert_eq!(get("ADQ_V_WIDTH"), Some(layout::width_id(v)));
+                assert_eq!(get("ADQ_HEAD_DIM"), Some(head_dim));
+                assert_eq!((get("ADQ_K_LLOYD"), get("ADQ_V_LLOYD")), (Some(1), Some(1)));
+                let levels = |b: Bits| adaquant_kernels::quant::codebook::levels(b).unwrap();
+                let program = spec.program();
+                for (b, lv) in [(k, levels(k)), (v, levels(v))] {
+                    let id = layout::width_id(b);
+                    let list: Vec<String> = lv.iter().map(|l| format!("{l:?}f")).collect();
+                    let decl = format!("adq_lloyd_w{id}[{}] = {{{}}};", lv.len(), list.join(", "));
+                    assert!(program.contains(&decl), "{} lacks the levels of {b}: {decl}", spec.name());
+                }
+            }
         }
         assert!(spec.program().starts_with(&layout::preamble()), "{} must start with the preamble", spec.name());
     }

@@ -9,6 +9,8 @@
 //! - per-token values: `o += sum_t (p_t scale_tg) code_tg + (p_t min_tg)`;
 //! - per-channel values: `o_c += scale_bc (p_b . code_bc) + min_bc sum(p_b)`.
 //!
+//! Lloyd-Max views (one scale per group, levels looked up from a table) go to the kernels of `codebook`.
+//!
 //! The portable path (`generic`) runs the same algorithm with scalar loops over codes unpacked block by block into a
 //! small byte buffer; the AVX2/FMA path (`avx2`) reads packed bytes straight into vector registers.
 
@@ -104,7 +106,11 @@ mod generic {
         let mut pos = 0;
         pos += exact_scores(&s.qq, head.sink_k, d, &mut s.scores, t_all, pos);
         if let Some(k) = &head.k {
-            packed_scores(&s.qq, k, &mut s.scores, t_all, pos, &mut s.codes, &mut s.tmp);
+            if k.spec.is_codebook() {
+                super::codebook::generic::packed_scores(&s.qq, k, &mut s.scores, t_all, pos, &mut s.codes);
+            } else {
+                packed_scores(&s.qq, k, &mut s.scores, t_all, pos, &mut s.codes, &mut s.tmp);
+            }
             pos += k.tokens;
         }
         exact_scores(&s.qq, head.tail_k, d, &mut s.scores, t_all, pos);
@@ -113,7 +119,11 @@ mod generic {
         let mut pos = 0;
         pos += exact_values(&s.scores, t_all, head.sink_v, d, &mut s.acc, pos);
         if let Some(v) = &head.v {
-            packed_values(&s.scores, t_all, v, &mut s.acc, pos, &mut s.codes, &mut s.tmp);
+            if v.spec.is_codebook() {
+                super::codebook::generic::packed_values(&s.scores, t_all, v, &mut s.acc, pos, &mut s.codes, &mut s.tmp);
+            } else {
+                packed_values(&s.scores, t_all, v, &mut s.acc, pos, &mut s.codes, &mut s.tmp);
+            }
             pos += v.tokens;
         }
         exact_values(&s.scores, t_all, head.tail_v, d, &mut s.acc, pos);
@@ -348,3 +358,4 @@ mod generic {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod codebook;

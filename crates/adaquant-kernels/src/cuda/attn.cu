@@ -20,6 +20,14 @@
 #ifndef ADQ_BASELINE
 #define ADQ_BASELINE 0
 #endif
+// Lloyd-Max sides (ADQ_K_LLOYD / ADQ_V_LLOYD == 1): one scale per group and no minimum; a code reconstructs as
+// scale * adq_lloyd<width>(code), the Gaussian MSE-optimal levels of the preamble.
+#ifndef ADQ_K_LLOYD
+#define ADQ_K_LLOYD 0
+#endif
+#ifndef ADQ_V_LLOYD
+#define ADQ_V_LLOYD 0
+#endif
 #if ADQ_BASELINE
 #define ADQ_K_WIDTH 0
 #define ADQ_V_WIDTH 0
@@ -94,13 +102,30 @@ __device__ __forceinline__ i64 adq_load_packed(u8* dst, const u8* stream, i64 e_
     return b0;
 }
 
-// Loads `n` group scales and minima starting at group `g_lo` as f32: scales at dst[0..n), minima at dst[E..E+n).
+// Loads `n` group scales and minima starting at group `g_lo` as f32: scales at dst[0..n), minima at dst[E..E+n)
+// (no minima for a null `minv`: Lloyd-Max sides).
 __device__ __forceinline__ void adq_load_meta_tile(float* dst, const void* scale, const void* minv, i64 g_lo,
                                                    u32 n, u32 meta) {
     for (u32 i = threadIdx.x; i < n; i += NT) {
         dst[i] = adq_load_meta(scale, g_lo + i, meta);
-        dst[ADQ_SMEM_META_ENTRIES + i] = adq_load_meta(minv, g_lo + i, meta);
+        if (minv != nullptr) dst[ADQ_SMEM_META_ENTRIES + i] = adq_load_meta(minv, g_lo + i, meta);
     }
+}
+
+// The value of a key (or value) code whose group's scale sits at meta[m] and minimum at meta[E + m].
+__device__ __forceinline__ float adq_k_value(u32 code, const float* meta, u32 m) {
+#if ADQ_K_LLOYD
+    return adq_lloyd<ADQ_K_WIDTH>(code) * meta[m];
+#else
+    return fmaf((float)code, meta[m], meta[ADQ_SMEM_META_ENTRIES + m]);
+#endif
+}
+__device__ __forceinline__ float adq_v_value(u32 code, const float* meta, u32 m) {
+#if ADQ_V_LLOYD
+    return adq_lloyd<ADQ_V_WIDTH>(code) * meta[m];
+#else
+    return fmaf((float)code, meta[m], meta[ADQ_SMEM_META_ENTRIES + m]);
+#endif
 }
 
 __device__ __forceinline__ float adq_exact_to_f32(float x) { return x; }
@@ -216,9 +241,9 @@ __device__ __forceinline__ void adq_attn_split_impl(const AdqAttnParams& p, cons
     const u8* kstream = QUANT ? kq + stream_id * p.k_stream_stride : nullptr;
     const u8* vstream = QUANT ? vq + stream_id * p.v_stream_stride : nullptr;
     const void* ksc = QUANT ? (const u8*)k_scale + stream_id * p.k_meta_stride * mb : nullptr;
-    const void* kmn = QUANT ? (const u8*)k_min + stream_id * p.k_meta_stride * mb : nullptr;
+    const void* kmn = QUANT && !ADQ_K_LLOYD ? (const u8*)k_min + stream_id * p.k_meta_stride * mb : nullptr;
     const void* vsc = QUANT ? (const u8*)v_scale + stream_id * p.v_meta_stride * mb : nullptr;
-    const void* vmn = QUANT ? (const u8*)v_min + stream_id * p.v_meta_stride * mb : nullptr;
+    const void* vmn = QUANT && !ADQ_V_LLOYD ? (const u8*)v_min + stream_id * p.v_meta_stride * mb : nullptr;
     const u32 kg = 1u << p.k_group_shift;
     const u32 vg = 1u << p.v_group_shift;
 
@@ -276,7 +301,7 @@ __device__ __forceinline__ void adq_attn_split_impl(const AdqAttnParams& p, cons
                     u32 pos = adq_code_pos<ADQ_K_WIDTH>(a + (i64)c_lo * kg, kb0);
                     for (u32 c = c_lo; c < c_lo + D / 2; ++c, pos += step) {
                         const u32 code = adq_code_at<ADQ_K_WIDTH>(tile_k, pos);
-                        const float kv = fmaf((float)code, kmeta[m0 + c], kmeta[ADQ_SMEM_META_ENTRIES + m0 + c]);
+                        const float kv = adq_k_value(code, kmeta, m0 + c);
                         float qh[MAXG];
                         adq_load_heads(qh, qs + c * MAXG, gqa);
 #pragma unroll
@@ -291,7 +316,7 @@ __device__ __forceinline__ void adq_attn_split_impl(const AdqAttnParams& p, cons
                     for (u32 c = c_lo; c < c_lo + D / 2; ++c, pos += step) {
                         const u32 code = adq_code_at<ADQ_K_WIDTH>(tile_k, pos);
                         const u32 m = mrow + (c >> p.k_group_shift);
-                        const float kv = fmaf((float)code, kmeta[m], kmeta[ADQ_SMEM_META_ENTRIES + m]);
+                        const float kv = adq_k_value(code, kmeta, m);
                         float qh[MAXG];
                         adq_load_heads(qh, qs + c * MAXG, gqa);
 #pragma unroll
@@ -384,7 +409,7 @@ __device__ __forceinline__ void adq_attn_split_impl(const AdqAttnParams& p, cons
                 for (u32 i = vpart; i < npk; i += NP, pos += step) {
                     const u32 code = adq_code_at<ADQ_V_WIDTH>(tile_v, pos);
                     const u32 m = i * groups_per_token + cg;
-                    const float vv = fmaf((float)code, vmeta[m], vmeta[ADQ_SMEM_META_ENTRIES + m]);
+                    const float vv = adq_v_value(code, vmeta, m);
                     float ph[MAXG];
                     adq_load_heads(ph, pt + i * MAXG, gqa);
 #pragma unroll
@@ -398,7 +423,7 @@ __device__ __forceinline__ void adq_attn_split_impl(const AdqAttnParams& p, cons
                     const i64 e = blk * vg * D + (i64)vc * vg + (tok & (vg - 1));
                     const u32 code = adq_code_at<ADQ_V_WIDTH>(tile_v, adq_code_pos<ADQ_V_WIDTH>(e, vb0));
                     const i64 m = blk * D + vc - vg_lo;
-                    const float vv = fmaf((float)code, vmeta[m], vmeta[ADQ_SMEM_META_ENTRIES + m]);
+                    const float vv = adq_v_value(code, vmeta, (u32)m);
                     float ph[MAXG];
                     adq_load_heads(ph, pt + i * MAXG, gqa);
 #pragma unroll

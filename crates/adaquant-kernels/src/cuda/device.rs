@@ -145,9 +145,11 @@ impl CudaKernels {
             None => compile_ptx(spec, self.arch)?,
         };
         let m = cu(self.ctx.load_module(Ptx::from_src(ptx)), &format!("loading {}", spec.name()))?;
-        if matches!(spec, KernelSpec::Attn { .. } | KernelSpec::AttnF16 { .. }) {
+        if matches!(spec, KernelSpec::Attn { .. } | KernelSpec::AttnF16 { .. } | KernelSpec::AttnLloyd { .. }) {
             let head_dim = match *spec {
-                KernelSpec::Attn { head_dim, .. } | KernelSpec::AttnF16 { head_dim } => head_dim,
+                KernelSpec::Attn { head_dim, .. }
+                | KernelSpec::AttnF16 { head_dim }
+                | KernelSpec::AttnLloyd { head_dim, .. } => head_dim,
                 KernelSpec::Quant { .. } => unreachable!("matched above"),
             };
             let smem = AttnSmem::for_head_dim(head_dim).total as i32;
@@ -228,6 +230,13 @@ fn check_device_spec(spec: &QuantSpec, head_dim: usize) -> Result<()> {
     spec.validate(head_dim)?;
     if !matches!(spec.zero, ZeroPoint::MinMax) {
         return Err(Error::Cuda("the CUDA quantizer implements min-max zero points only, not HQQ".into()));
+    }
+    if spec.is_codebook() || spec.rotation.is_some() {
+        return Err(Error::Cuda(
+            "the CUDA cache implements uniform levels without rotation only; use the CPU cache for Lloyd-Max levels \
+             and rotations"
+                .into(),
+        ));
     }
     Ok(())
 }

@@ -17,6 +17,7 @@
 #define ADQ_EMULATE 1
 #define __global__
 #define __device__
+#define __constant__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 

@@ -233,6 +233,20 @@ pub fn preamble() -> String {
              static constexpr bool ternary = ADQ_W{i}_TERNARY != 0;\n}};"
         );
     }
+    // Lloyd-Max levels (crate::quant::codebook) of the widths that have them, as exact f32 literals in constant
+    // memory, and `adq_lloyd<W>(code)` to look one up.
+    s.push_str("template <int W>\n__device__ __forceinline__ float adq_lloyd(unsigned code);\n");
+    for (i, b) in Bits::ALL.iter().enumerate() {
+        let Some(levels) = crate::quant::codebook::levels(*b) else { continue };
+        let list: Vec<String> = levels.iter().map(|l| format!("{l:?}f")).collect();
+        let _ = writeln!(
+            s,
+            "__constant__ float adq_lloyd_w{i}[{}] = {{{}}};\ntemplate <>\n__device__ __forceinline__ float \
+             adq_lloyd<{i}>(unsigned code) {{ return adq_lloyd_w{i}[code]; }}",
+            levels.len(),
+            list.join(", ")
+        );
+    }
     s
 }
 
@@ -245,6 +259,9 @@ pub enum KernelSpec {
     Attn { k: Bits, v: Bits, head_dim: usize },
     /// `attn.cu` baseline over f16 keys and values: `adq_attn_f16_split`, `adq_attn_reduce`.
     AttnF16 { head_dim: usize },
+    /// `attn.cu` fused over Lloyd-Max keys and values (one scale per group, levels looked up from a table):
+    /// `adq_attn_split`, `adq_attn_reduce`.
+    AttnLloyd { k: Bits, v: Bits, head_dim: usize },
 }
 
 impl KernelSpec {
@@ -259,6 +276,11 @@ impl KernelSpec {
                 }
             }
             v.push(KernelSpec::AttnF16 { head_dim });
+            for k in Bits::ALL.into_iter().filter(|b| crate::quant::codebook::levels(*b).is_some()) {
+                for vb in Bits::ALL.into_iter().filter(|b| crate::quant::codebook::levels(*b).is_some()) {
+                    v.push(KernelSpec::AttnLloyd { k, v: vb, head_dim });
+                }
+            }
         }
         v
     }
@@ -278,7 +300,7 @@ impl KernelSpec {
     pub fn file(&self) -> &'static str {
         match self {
             KernelSpec::Quant { .. } => "quant.cu",
-            KernelSpec::Attn { .. } | KernelSpec::AttnF16 { .. } => "attn.cu",
+            KernelSpec::Attn { .. } | KernelSpec::AttnF16 { .. } | KernelSpec::AttnLloyd { .. } => "attn.cu",
         }
     }
 
@@ -286,7 +308,7 @@ impl KernelSpec {
     pub fn functions(&self) -> &'static [&'static str] {
         match self {
             KernelSpec::Quant { .. } => &["adq_quant_meta", "adq_pack", "adq_dequant"],
-            KernelSpec::Attn { .. } => &["adq_attn_split", "adq_attn_reduce"],
+            KernelSpec::Attn { .. } | KernelSpec::AttnLloyd { .. } => &["adq_attn_split", "adq_attn_reduce"],
             KernelSpec::AttnF16 { .. } => &["adq_attn_f16_split", "adq_attn_reduce"],
         }
     }
@@ -295,7 +317,7 @@ impl KernelSpec {
     pub fn program(&self) -> String {
         let body = match self {
             KernelSpec::Quant { .. } => QUANT_SOURCE,
-            KernelSpec::Attn { .. } | KernelSpec::AttnF16 { .. } => ATTN_SOURCE,
+            KernelSpec::Attn { .. } | KernelSpec::AttnF16 { .. } | KernelSpec::AttnLloyd { .. } => ATTN_SOURCE,
         };
         format!("{}\n// ---- common.cuh\n{COMMON_SOURCE}\n// ---- {}\n{body}", preamble(), self.file())
     }
@@ -316,6 +338,11 @@ impl KernelSpec {
             KernelSpec::AttnF16 { head_dim } => {
                 let mut d = vec!["-DADQ_BASELINE=1".to_string(), format!("-DADQ_HEAD_DIM={head_dim}")];
                 d.extend(AttnSmem::for_head_dim(head_dim).defines());
+                d
+            }
+            KernelSpec::AttnLloyd { k, v, head_dim } => {
+                let mut d = KernelSpec::Attn { k, v, head_dim }.defines();
+                d.extend(["-DADQ_K_LLOYD=1".to_string(), "-DADQ_V_LLOYD=1".to_string()]);
                 d
             }
         }
@@ -341,6 +368,9 @@ impl KernelSpec {
                 format!("attn_K{}_V{}_d{head_dim}", k.name().replace('.', "_"), v.name().replace('.', "_"))
             }
             KernelSpec::AttnF16 { head_dim } => format!("attn_f16_d{head_dim}"),
+            KernelSpec::AttnLloyd { k, v, head_dim } => {
+                format!("attn_lloyd_K{}_V{}_d{head_dim}", k.name().replace('.', "_"), v.name().replace('.', "_"))
+            }
         };
         format!("{stem}.{arch}.ptx")
     }
@@ -351,6 +381,7 @@ impl KernelSpec {
             KernelSpec::Quant { bits } => format!("quant.cu[{bits}]"),
             KernelSpec::Attn { k, v, head_dim } => format!("attn.cu[K{k} V{v} d{head_dim}]"),
             KernelSpec::AttnF16 { head_dim } => format!("attn.cu[f16 d{head_dim}]"),
+            KernelSpec::AttnLloyd { k, v, head_dim } => format!("attn.cu[Lloyd-Max K{k} V{v} d{head_dim}]"),
         }
     }
 }
@@ -410,7 +441,7 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), all.len());
-        assert_eq!(all.len(), Bits::ALL.len() + HEAD_DIMS.len() * (Bits::ALL.len() * Bits::ALL.len() + 1));
+        assert_eq!(all.len(), Bits::ALL.len() + HEAD_DIMS.len() * (Bits::ALL.len() * Bits::ALL.len() + 1 + 5 * 5));
     }
 
     #[test]

@@ -11,9 +11,12 @@
 //! A minimum or scale outside the finite range of the metadata type (beyond 65504 for f16) is
 //! [`Error::MetaOverflow`].
 //!
+//! Lloyd-Max specs ([`crate::format::Levels::LloydMax`]) store one scale per group and no minimum; see [`codebook`].
+//!
 //! [`PackedStream`] owns the packed codes and metadata of one KV head and grows by appends; every value is quantized
 //! exactly once, when it is pushed. [`PackedView`] borrows a stream (or any consistent set of buffers).
 
+pub mod codebook;
 mod cpu;
 pub mod hqq;
 pub(crate) mod reference;
@@ -324,13 +327,14 @@ impl PackedStream {
             return Err(Error::ShapeMismatch { what: "head_dim (must be positive)", expected: 1, got: 0 });
         }
         let groups = tokens * head_dim / spec.group;
+        let n_mins = spec.n_mins(tokens, head_dim);
         Ok(PackedStream {
             spec,
             head_dim,
             tokens: 0,
             codes: Vec::with_capacity(spec.bits.packed_bytes(tokens * head_dim)),
             scales: MetaBuf::with_capacity(spec.meta, groups),
-            mins: MetaBuf::with_capacity(spec.meta, groups),
+            mins: MetaBuf::with_capacity(spec.meta, n_mins),
         })
     }
 
@@ -372,8 +376,10 @@ impl PackedStream {
         let n_groups = spec.n_groups(t, d);
         let mut codes = vec![0u8; t * d];
         let mut scales = vec![0f32; n_groups];
-        let mut mins = vec![0f32; n_groups];
-        if fast {
+        let mut mins = vec![0f32; spec.n_mins(t, d)];
+        if spec.is_codebook() {
+            codebook::quantize_codes(&spec, d, x, &mut codes, &mut scales, fast)?;
+        } else if fast {
             cpu::quantize_codes(&spec, d, x, &mut codes, &mut scales, &mut mins)?;
         } else {
             reference::quantize_codes(&spec, d, x, &mut codes, &mut scales, &mut mins)?;
@@ -383,9 +389,11 @@ impl PackedStream {
         self.codes.resize(spec.bits.packed_bytes(start + t * d), 0);
         pack::pack_at(spec.bits, &mut self.codes, start, &codes, fast);
         self.scales.reserve(n_groups);
-        self.mins.reserve(n_groups);
-        for (&s, &m) in scales.iter().zip(&mins) {
+        self.mins.reserve(mins.len());
+        for &s in &scales {
             self.scales.push(s);
+        }
+        for &m in &mins {
             self.mins.push(m);
         }
         self.tokens += t;
@@ -515,7 +523,7 @@ impl<'a> PackedView<'a> {
             tokens,
             codes: &self.codes[..self.spec.bits.packed_bytes(tokens * d)],
             scales: self.scales.slice(0, groups),
-            mins: self.mins.slice(0, groups),
+            mins: self.mins.slice(0, self.spec.n_mins(tokens, d)),
             ..*self
         })
     }
@@ -548,8 +556,9 @@ impl<'a> PackedView<'a> {
         if self.scales.len() != groups {
             return Err(Error::BadView { what: "scales", expected: groups, got: self.scales.len() });
         }
-        if self.mins.len() != groups {
-            return Err(Error::BadView { what: "minimums", expected: groups, got: self.mins.len() });
+        let n_mins = self.spec.n_mins(self.tokens, d);
+        if self.mins.len() != n_mins {
+            return Err(Error::BadView { what: "minimums", expected: n_mins, got: self.mins.len() });
         }
         Ok(())
     }
@@ -568,7 +577,11 @@ fn check_out(view: &PackedView<'_>, out: &[f32]) -> Result<()> {
 /// [`dequantize`].
 pub fn dequantize_ref(view: &PackedView<'_>, out: &mut [f32]) -> Result<()> {
     check_out(view, out)?;
-    reference::dequantize(view, out);
+    if view.spec.is_codebook() {
+        codebook::dequantize_ref(view, out);
+    } else {
+        reference::dequantize(view, out);
+    }
     Ok(())
 }
 
@@ -576,7 +589,11 @@ pub fn dequantize_ref(view: &PackedView<'_>, out: &mut [f32]) -> Result<()> {
 /// results.
 pub fn dequantize(view: &PackedView<'_>, out: &mut [f32]) -> Result<()> {
     check_out(view, out)?;
-    cpu::dequantize(view, out);
+    if view.spec.is_codebook() {
+        codebook::dequantize(view, out);
+    } else {
+        cpu::dequantize(view, out);
+    }
     Ok(())
 }
 

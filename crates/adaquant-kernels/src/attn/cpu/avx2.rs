@@ -22,10 +22,18 @@ mod avx512;
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn load8<const B: usize>(p: *const u8, i: usize) -> __m256 {
+    // SAFETY: the caller's guarantee, passed on.
+    _mm256_cvtepi32_ps(unsafe { load8i::<B>(p, i) })
+}
+
+/// [`load8`] as eight 32-bit integers (for table lookups).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn load8i<const B: usize>(p: *const u8, i: usize) -> __m256i {
     // SAFETY (for the whole function): callers guarantee that the unit of codes `i .. i + 8` lies inside the stream.
     unsafe {
         if B == 8 {
-            return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(i) as *const __m128i)));
+            return _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(i) as *const __m128i));
         }
         let off = i / 8 * B;
         let q = p.add(off);
@@ -40,7 +48,7 @@ unsafe fn load8<const B: usize>(p: *const u8, i: usize) -> __m256 {
                 _ => u32::from_le(std::ptr::read_unaligned(q as *const u32)),
             };
             let shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
-            return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts), mask));
+            return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts), mask);
         }
         // Five or six bytes: lanes 0..4 from the low word, lanes 4..8 from the bits after the fourth code.
         let lo32 = u32::from_le(std::ptr::read_unaligned(q as *const u32)) as u64;
@@ -52,14 +60,14 @@ unsafe fn load8<const B: usize>(p: *const u8, i: usize) -> __m256 {
         let lo = _mm_set1_epi32(w as u32 as i32);
         let hi = _mm_set1_epi32((w >> (4 * B)) as u32 as i32);
         let words = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi);
-        _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(words, shifts), mask))
+        _mm256_and_si256(_mm256_srlv_epi32(words, shifts), mask)
     }
 }
 
 /// Horizontal sum of eight lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -108,7 +116,7 @@ fn exp1(x: f32) -> f32 {
 /// Converts metadata entries `start .. start + out.len()` to f32 (eight at a time for f16).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn meta_into(m: &MetaView<'_>, start: usize, out: &mut [f32]) {
+pub(super) fn meta_into(m: &MetaView<'_>, start: usize, out: &mut [f32]) {
     match m {
         MetaView::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
         MetaView::F16(v) => {
@@ -153,7 +161,7 @@ macro_rules! dispatch {
 
 /// How a kernel reads the codes of a view: straight from the packed bytes with width `B`, or from a byte buffer
 /// that each block or token is unpacked into (width 8).
-fn code_width(view: &PackedView<'_>) -> (usize, bool) {
+pub(super) fn code_width(view: &PackedView<'_>) -> (usize, bool) {
     let g = view.spec.group;
     let aligned = g.is_multiple_of(8) && (view.spec.axis == GroupAxis::PerChannel || view.head_dim.is_multiple_of(8));
     match view.spec.bits {
@@ -180,7 +188,9 @@ pub(super) fn attend_head(q: &[f32], head: &HeadKv<'_>, d: usize, scale: f32, ou
         pos,
     );
     if let Some(k) = &head.k {
-        if k.spec.group.is_multiple_of(8) {
+        if k.spec.is_codebook() {
+            super::codebook::avx2::packed_scores(&s.qq, k, &mut s.scores, t_all, pos, &mut s.codes, &mut s.tmp);
+        } else if k.spec.group.is_multiple_of(8) {
             packed_scores(&s.qq, k, &mut s.scores, t_all, pos, &mut s.codes, &mut s.tmp);
         } else {
             generic::packed_scores(&s.qq, k, &mut s.scores, t_all, pos, &mut s.codes, &mut s.tmp);
@@ -209,7 +219,9 @@ pub(super) fn attend_head(q: &[f32], head: &HeadKv<'_>, d: usize, scale: f32, ou
         pos,
     );
     if let Some(v) = &head.v {
-        if v.spec.group.is_multiple_of(8) {
+        if v.spec.is_codebook() {
+            super::codebook::avx2::packed_values(&s.scores, t_all, v, &mut s.acc, pos, &mut s.codes, &mut s.tmp);
+        } else if v.spec.group.is_multiple_of(8) {
             packed_values(&s.scores, t_all, v, &mut s.acc, pos, &mut s.codes, &mut s.tmp);
         } else {
             generic::packed_values(&s.scores, t_all, v, &mut s.acc, pos, &mut s.codes, &mut s.tmp);
