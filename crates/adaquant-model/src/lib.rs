@@ -25,9 +25,10 @@ pub mod model;
 pub mod paths;
 pub mod perplexity;
 pub mod quant;
+pub mod spm;
 pub mod tokenizer;
 
-pub use config::{Arch, ModelConfig};
+pub use config::{Activation, Arch, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use model::{
     ForwardOptions, LayerHook, LayerTaps, LayerWeights, LayerWeightsView, Logits, LogitsRange, Model, Weights,
