@@ -338,6 +338,8 @@ impl ModelConfig {
         let local_layers: Vec<bool> =
             if sliding_window.is_some() { (0..n_layers).map(|i| (i + 1) % 6 != 0).collect() } else { Vec::new() };
         let query_scalar = if gemma && n_layers == 62 { hidden / n_q_heads.max(1) } else { head_dim };
+        // `{arch}.attention.scale` (llama.cpp's f_attention_scale), when present, multiplies the scores instead.
+        let attn_scale = float("attention.scale")?.unwrap_or(1.0 / (query_scalar.max(1) as f32).sqrt());
         let cfg = ModelConfig {
             arch,
             n_layers,
@@ -359,7 +361,7 @@ impl ModelConfig {
             post_norms: gemma,
             activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
             embed_scale: if gemma { (hidden as f32).sqrt() } else { 1.0 },
-            attn_scale: 1.0 / (query_scalar.max(1) as f32).sqrt(),
+            attn_scale,
             sliding_window,
             local_layers,
             rope_theta_local: if sliding_window.is_some() { 10000.0 } else { rope_theta },
