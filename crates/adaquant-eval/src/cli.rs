@@ -9,7 +9,6 @@ use adaquant_model::{paths, Model};
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::lm::LanguageModel;
 use crate::metrics::{build_reference, evaluate_text, TextEvalSpec};
 use crate::progress::Progress;
 use crate::report::{markdown_table, write_report};
@@ -188,10 +187,12 @@ fn load_model(path: &Path) -> anyhow::Result<Model> {
     Ok(m)
 }
 
-fn tokenize_text(lm: &dyn LanguageModel, path: &Path) -> anyhow::Result<Vec<u32>> {
+/// Tokenizes a text file for evaluation in `ctx`-token windows, with llama.cpp's BOS rule (BOS in front and at the
+/// start of every window for models that add BOS; see `adaquant_model::perplexity::text_tokens`).
+fn tokenize_text(model: &Model, path: &Path, ctx: usize) -> anyhow::Result<Vec<u32>> {
     let t = Instant::now();
     let text = crate::data::load_text(path)?;
-    let tokens = lm.encode(&text, false)?;
+    let tokens = adaquant_model::perplexity::text_tokens(model.tokenizer(), &text, ctx)?;
     eprintln!("tokenized {} ({} tokens) in {:.1} s", path.display(), tokens.len(), t.elapsed().as_secs_f64());
     Ok(tokens)
 }
@@ -231,7 +232,7 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<()> {
     let model_path = a.model.clone().unwrap_or_else(paths::default_model);
     let text_path = a.text.clone().unwrap_or_else(paths::wikitext2_test);
     let model = load_model(&model_path)?;
-    let tokens = tokenize_text(&model, &text_path)?;
+    let tokens = tokenize_text(&model, &text_path, text.ctx)?;
     let plan = SweepPlan {
         points,
         text,
@@ -293,7 +294,7 @@ pub fn ppl(a: &PplArgs) -> anyhow::Result<()> {
     let cache_spec = parse_cache(&a.cache)?;
     let model_path = a.model.clone().unwrap_or_else(paths::default_model);
     let model = load_model(&model_path)?;
-    let tokens = tokenize_text(&model, &a.text.clone().unwrap_or_else(paths::wikitext2_test))?;
+    let tokens = tokenize_text(&model, &a.text.clone().unwrap_or_else(paths::wikitext2_test), a.ctx)?;
     let spec = TextEvalSpec { ctx: a.ctx, windows: a.windows, topk: a.ref_topk };
     let windows = spec.windows(&tokens)?;
     let shape = model.cache_shape(a.ctx);
