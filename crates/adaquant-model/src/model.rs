@@ -429,6 +429,9 @@ impl Model {
         let c = &self.config;
         let mut shape = CacheShape::new(c.n_layers, c.n_q_heads, c.n_kv_heads, c.head_dim, max_seq_len);
         shape.softmax_scale = c.attn_scale;
+        if c.local_layers.iter().any(|&l| l) {
+            shape.windows = (0..c.n_layers).map(|l| c.layer_window(l)).collect();
+        }
         shape
     }
 
@@ -494,6 +497,7 @@ impl Model {
             || shape.n_kv_heads != c.n_kv_heads
             || shape.head_dim != c.head_dim
             || shape.softmax_scale != c.attn_scale
+            || (0..c.n_layers).any(|l| shape.window(l) != c.layer_window(l))
         {
             return Err(ModelError::InvalidInput(format!(
                 "cache shape {shape:?} does not match the model; build it with Model::cache_shape"
@@ -522,15 +526,6 @@ impl Model {
             LogitsRange::None => n..n,
         };
 
-        if let Some(w) = c.sliding_window.filter(|&w| start + n > w) {
-            if c.local_layers.iter().any(|&l| l) {
-                return Err(ModelError::InvalidInput(format!(
-                    "{} tokens exceed the {w}-token sliding window of the local layers; the caches hold no \
-                     sliding windows yet, so contexts are limited to {w} tokens for this model",
-                    start + n
-                )));
-            }
-        }
         let (h, qd, kvd) = (c.hidden, c.n_q_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let half = c.head_dim / 2;
         let table = |inv_freq: &[f64]| {

@@ -2,7 +2,7 @@
 //! `tests/data/make_tiny.py` and committed with their float32 logits on a fixed prompt: Llama with Llama 3 RoPE
 //! scaling, Qwen2 (q/k/v biases), Qwen3 (QK-norm) and Gemma 3 (QK-norm, sandwich norms, GeGLU, scaled
 //! embeddings, local and global layers with their own RoPE bases, linear scaling on the global layer, a query
-//! scale that is not 1/sqrt(head_dim)). adaquant must reproduce the logits to 1e-4 from the safetensors folder
+//! scale that is not 1/sqrt(head_dim), a prompt longer than the local layers' window). adaquant must reproduce the logits to 1e-4 from the safetensors folder
 //! and from a GGUF written here from the same weights the way llama.cpp's converter writes it.
 
 use std::collections::HashMap;
@@ -254,10 +254,18 @@ fn gemma3_matches_transformers() {
 }
 
 #[test]
-fn gemma3_beyond_the_sliding_window_is_refused_until_caches_hold_windows() {
+fn gemma3_sliding_window_matters_and_quantized_caches_refuse_to_pass_it() {
     let m = Model::load(&dir("gemma3")).unwrap();
-    let mut cache = FullPrecisionCache::new(m.cache_shape(64)).unwrap();
-    let tokens: Vec<u32> = (0..17).map(|i| i % 90 + 3).collect();
-    let e = m.forward(&tokens, &mut cache, &mut ForwardOptions::new(LogitsRange::Last)).unwrap_err();
-    assert!(matches!(e, ModelError::InvalidInput(ref s) if s.contains("sliding window")), "{e}");
+    let r = reference("gemma3");
+    assert!(r.prompt.len() > 16, "the reference prompt must pass the 16-token window");
+    // A cache built without the windows (every layer global) is refused rather than attending too far back.
+    let mut shape = m.cache_shape(64);
+    assert_eq!(shape.windows, [Some(16), Some(16), Some(16), Some(16), Some(16), None]);
+    shape.windows.clear();
+    let mut plain = FullPrecisionCache::new(shape).unwrap();
+    let e = m.forward(&r.prompt, &mut plain, &mut ForwardOptions::new(LogitsRange::All)).unwrap_err();
+    assert!(matches!(e, ModelError::InvalidInput(ref s) if s.contains("cache shape")), "{e}");
+    let mut q = adaquant_model::generate::build_cache("k8v8-g16-r16", m.cache_shape(64)).unwrap();
+    let e = m.forward(&r.prompt, q.as_mut(), &mut ForwardOptions::new(LogitsRange::All)).unwrap_err();
+    assert!(e.to_string().contains("sliding window"), "{e}");
 }

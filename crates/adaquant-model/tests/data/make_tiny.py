@@ -2,7 +2,7 @@
 """Builds the tiny random checkpoints of `tests/tiny.rs` with Hugging Face transformers' own model classes.
 
 Each folder under `tiny/` gets `config.json`, `model.safetensors` (float32), a word-level `tokenizer.json` and
-`logits.json`: the reference model's float32 logits for every position of `PROMPT`.
+`logits.json`: the reference model's float32 logits for every position of `PROMPT` (`PROMPT_LONG` for Gemma).
 
 Pinned environment (CPU is enough; run from this folder):
 
@@ -29,6 +29,8 @@ from transformers import (
 
 VOCAB = 96
 PROMPT = [2, 17, 42, 91, 3, 64, 5, 77, 7, 60, 31, 88]
+# Gemma's prompt is longer than its 16-token sliding window, so the local layers' window is exercised.
+PROMPT_LONG = PROMPT + [(13 * i + 5) % VOCAB for i in range(28)]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 COMMON = dict(
@@ -133,13 +135,14 @@ def main():
         with open(os.path.join(out, "tokenizer.json"), "w") as f:
             json.dump(tokenizer_json(), f)
         with torch.no_grad():
-            logits = model(torch.tensor([PROMPT])).logits[0]
+            prompt = PROMPT_LONG if name == "gemma3" else PROMPT
+            logits = model(torch.tensor([prompt])).logits[0]
         with open(os.path.join(out, "logits.json"), "w") as f:
             json.dump(
                 {
                     "transformers": transformers.__version__,
                     "torch": torch.__version__,
-                    "prompt": PROMPT,
+                    "prompt": prompt,
                     "logits": [[float(x) for x in row] for row in logits],
                 },
                 f,
