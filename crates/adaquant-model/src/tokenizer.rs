@@ -34,7 +34,7 @@ pub struct Tokenizer {
 
 enum Inner {
     Hf(Box<tokenizers::Tokenizer>),
-    Spm(SpmVocab),
+    Spm(Box<SpmVocab>),
 }
 
 fn tok_err(e: impl std::fmt::Display) -> ModelError {
@@ -100,7 +100,7 @@ impl Tokenizer {
             g.get(k).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < n)
         };
         Ok(Tokenizer {
-            inner: Inner::Spm(vocab),
+            inner: Inner::Spm(Box::new(vocab)),
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
             // llama.cpp's default for SentencePiece vocabularies is to add BOS.

@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use adaquant_cache::{FullPrecisionCache, KvCache};
+use adaquant_cache::FullPrecisionCache;
 use adaquant_model::generate::build_cache;
 use adaquant_model::paths::{gemma3_270m, require, wikitext2_test};
 use adaquant_model::perplexity::{perplexity, text_tokens};
