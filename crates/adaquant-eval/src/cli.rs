@@ -32,7 +32,7 @@ pub struct SweepArgs {
     /// Model: a .gguf file or a Hugging Face folder [default: the SmolLM2-135M-Instruct GGUF in the data folder].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Text for perplexity and KL, tokenized as one string without BOS [default: WikiText-2 raw test].
+    /// Text for perplexity and KL, tokenized as one string (BOS in front and first in every window for models that add BOS, as llama.cpp does) [default: WikiText-2 raw test].
     #[arg(long)]
     pub text: Option<PathBuf>,
     /// Output folder: results.jsonl (one line per finished point), table.md and the plots.
