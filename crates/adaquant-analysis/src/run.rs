@@ -120,7 +120,8 @@ pub fn calibration_tokens(model: &Model, text: &Path, n: usize) -> Result<Vec<u3
     let s = String::from_utf8(raw)
         .map_err(|e| AnalysisError::InvalidArgument(format!("{} is not UTF-8 text: {e}", text.display())))?;
     let tok = model.tokenizer();
-    let add_bos = tok.bos_id().is_some();
+    // llama.cpp's rule, shared with the evaluator: BOS in front only for models that add BOS.
+    let add_bos = adaquant_model::perplexity::window_bos(tok).is_some();
     // English text averages about 4-5 bytes per token; 16 leaves a wide margin.
     let mut cut = (n.saturating_mul(16)).min(s.len());
     while !s.is_char_boundary(cut) {
@@ -241,7 +242,7 @@ pub fn run_typed(args: &AnalyzeArgs) -> Result<PathBuf> {
             pre_rope: args.pre_rope,
             bits: args.bits.clone(),
             attn_queries: args.attn_queries,
-            softmax_scale: 1.0 / (dims.head_dim as f32).sqrt(),
+            softmax_scale: model.config.attn_scale,
         };
         let quantizer = GroupQuantizer { group: args.group };
         let done = AtomicUsize::new(0);

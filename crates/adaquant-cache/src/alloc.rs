@@ -176,6 +176,10 @@ pub struct BitBudget {
     /// When set, metadata bits count against the budget (the authors ignore them).
     #[serde(default)]
     pub metadata: Option<MetaCost>,
+    /// Layers whose K and V are pinned to a width (e.g. the first and last layer at 8 bits, as users ask of
+    /// llama.cpp-style engines); their cost comes out of the budget and the solver spreads the rest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pinned: Vec<(usize, Bits)>,
 }
 
 /// The result of a budget solve.
@@ -212,7 +216,15 @@ impl BitBudget {
             solver: Solver::default(),
             cost: WidthCost::default(),
             metadata: None,
+            pinned: Vec::new(),
         }
+    }
+
+    /// The same budget with `layer`'s K and V pinned to `bits`.
+    pub fn pin(mut self, layer: usize, bits: Bits) -> BitBudget {
+        self.pinned.retain(|&(l, _)| l != layer);
+        self.pinned.push((layer, bits));
+        self
     }
 
     /// Allocates one width per matrix.
@@ -229,7 +241,44 @@ impl BitBudget {
             }
         }
         let total = 2.0 * n as f64 * self.avg_bits - meta;
-        let flat = sens.interleaved();
+        let flat_all = sens.interleaved();
+        let mut pinned_width: Vec<Option<Bits>> = vec![None; n];
+        for &(l, b) in &self.pinned {
+            if l >= n {
+                return Err(CacheError::Allocation(format!("pinned layer {l} does not exist ({n} layers)")));
+            }
+            pinned_width[l] = Some(b);
+        }
+        let pinned_cost: f64 = pinned_width.iter().flatten().map(|&b| 2.0 * self.cost.of(b)).sum();
+        if pinned_cost > total + TOL {
+            return Err(CacheError::Allocation(format!(
+                "the pinned layers alone cost {:.2} bits per element on average, more than the budget of {}",
+                pinned_cost / (2 * n) as f64,
+                self.avg_bits
+            )));
+        }
+        // The solver sees only the free matrices and what the pinned ones leave of the budget.
+        let free: Vec<usize> = (0..2 * n).filter(|&i| pinned_width[i / 2].is_none()).collect();
+        let flat: Vec<f64> = free.iter().map(|&i| flat_all[i]).collect();
+        let total = total - pinned_cost;
+        let solved = if flat.is_empty() { Vec::new() } else { self.solve_flat(&flat, total)? };
+        let mut bits: Vec<Bits> = (0..2 * n).map(|i| pinned_width[i / 2].unwrap_or(Bits::B1)).collect();
+        for (&i, &b) in free.iter().zip(&solved) {
+            bits[i] = b;
+        }
+        let flat = flat_all;
+        let used: f64 = bits.iter().map(|&b| self.cost.of(b)).sum::<f64>() + meta;
+        Ok(BitAllocation {
+            k: bits.iter().step_by(2).copied().collect(),
+            v: bits.iter().skip(1).step_by(2).copied().collect(),
+            avg_bits: if n == 0 { 0.0 } else { used / (2 * n) as f64 },
+            modeled_error: modeled_error(&flat, &bits),
+        })
+    }
+
+    /// One width per entry of `flat` (interleaved K/V sensitivities) within `total` bits per element summed.
+    fn solve_flat(&self, flat: &[f64], total: f64) -> Result<Vec<Bits>> {
+        let flat = flat.to_vec();
         let bits = match self.solver {
             Solver::Greedy => greedy_bits(&flat, total, &self.widths, self.cost)?,
             Solver::Optimal => optimal_bits(&flat, total, &self.widths, self.cost, false)?,
@@ -246,13 +295,7 @@ impl BitBudget {
                 }
             }
         };
-        let used: f64 = bits.iter().map(|&b| self.cost.of(b)).sum::<f64>() + meta;
-        Ok(BitAllocation {
-            k: bits.iter().step_by(2).copied().collect(),
-            v: bits.iter().skip(1).step_by(2).copied().collect(),
-            avg_bits: if n == 0 { 0.0 } else { used / (2 * n) as f64 },
-            modeled_error: modeled_error(&flat, &bits),
-        })
+        Ok(bits)
     }
 }
 

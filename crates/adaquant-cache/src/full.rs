@@ -24,8 +24,14 @@ enum Store {
 #[derive(Clone, Debug)]
 struct Layer {
     store: Store,
+    /// Tokens appended since the last clear (positions `0..tokens`).
     tokens: usize,
+    /// Tokens dropped from the front of a sliding-window layer: the store holds positions `dropped..tokens`.
+    dropped: usize,
 }
+
+/// A sliding-window layer drops its oldest tokens in blocks of this many, so that dropping costs O(1) per token.
+const DROP_BLOCK: usize = 64;
 
 /// A cache that keeps every key and value unquantized, one `[t][head_dim]` buffer per KV head.
 ///
@@ -38,6 +44,10 @@ pub struct FullPrecisionCache {
     layers: Vec<Layer>,
 }
 
+fn drop_front<T>(x: &mut Vec<T>, n: usize) {
+    x.drain(..n.min(x.len()));
+}
+
 /// Appends the rows of one side (`x` is `[n][n_kv_heads][head_dim]`) to per-head buffers.
 pub(crate) fn scatter_heads<T>(heads: &mut [Vec<T>], x: &[f32], d: usize, conv: impl Fn(f32) -> T) {
     let h = heads.len();
@@ -47,34 +57,43 @@ pub(crate) fn scatter_heads<T>(heads: &mut [Vec<T>], x: &[f32], d: usize, conv: 
 }
 
 /// Decode-faithful attention of the `n` queries of positions `start..start + n` over exact per-head f32 keys and
-/// values holding at least `start + n` tokens: query `i` sees the first `start + i + 1` tokens.
+/// values holding positions `first..` (at least up to `start + n`): query `i` sees positions
+/// `shape.window_start(layer, start + i) ..= start + i` (all earlier ones unless the layer slides).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_exact_f32(
     shape: &CacheShape,
+    layer: usize,
     k: &[Vec<f32>],
     v: &[Vec<f32>],
+    first: usize,
     start: usize,
     q: &[f32],
     out: &mut [f32],
 ) -> Result<()> {
     let d = shape.head_dim;
-    let heads_at = |len: usize| -> Vec<HeadKv<'_>> {
-        k.iter().zip(v).map(|(k, v)| HeadKv::exact(&k[..len * d], &v[..len * d])).collect()
+    let heads_at = |pos: usize| -> Vec<HeadKv<'_>> {
+        let lo = (shape.window_start(layer, pos) - first) * d;
+        let hi = (pos + 1 - first) * d;
+        k.iter().zip(v).map(|(k, v)| HeadKv::exact(&k[lo..hi], &v[lo..hi])).collect()
     };
     let row = shape.q_row();
     if q.len() == row {
-        decode_attention(q, &heads_at(start + 1), d, shape.softmax_scale, out)?;
+        decode_attention(q, &heads_at(start), d, shape.softmax_scale, out)?;
     } else {
         q.par_chunks(row).zip(out.par_chunks_mut(row)).enumerate().try_for_each(|(i, (qi, oi))| {
-            decode_attention_serial(qi, &heads_at(start + i + 1), d, shape.softmax_scale, oi)
+            decode_attention_serial(qi, &heads_at(start + i), d, shape.softmax_scale, oi)
         })?;
     }
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn attend_exact_f16(
     shape: &CacheShape,
+    layer: usize,
     k: &[Vec<f16>],
     v: &[Vec<f16>],
+    first: usize,
     start: usize,
     q: &[f32],
     out: &mut [f32],
@@ -82,9 +101,10 @@ fn attend_exact_f16(
     let d = shape.head_dim;
     let row = shape.q_row();
     q.par_chunks(row).zip(out.par_chunks_mut(row)).enumerate().try_for_each(|(i, (qi, oi))| {
-        let len = (start + i + 1) * d;
-        let ks: Vec<&[f16]> = k.iter().map(|x| &x[..len]).collect();
-        let vs: Vec<&[f16]> = v.iter().map(|x| &x[..len]).collect();
+        let pos = start + i;
+        let (lo, hi) = ((shape.window_start(layer, pos) - first) * d, (pos + 1 - first) * d);
+        let ks: Vec<&[f16]> = k.iter().map(|x| &x[lo..hi]).collect();
+        let vs: Vec<&[f16]> = v.iter().map(|x| &x[lo..hi]).collect();
         attention_f16(qi, &ks, &vs, d, shape.softmax_scale, oi)
     })?;
     Ok(())
@@ -104,7 +124,7 @@ impl FullPrecisionCache {
             FullDtype::F32 => Store::F32 { k: vec![Vec::new(); h], v: vec![Vec::new(); h] },
             FullDtype::F16 => Store::F16 { k: vec![Vec::new(); h], v: vec![Vec::new(); h] },
         };
-        let layers = vec![Layer { store, tokens: 0 }; shape.n_layers];
+        let layers = vec![Layer { store, tokens: 0, dropped: 0 }; shape.n_layers];
         Ok(FullPrecisionCache { shape, dtype, layers })
     }
 
@@ -112,7 +132,9 @@ impl FullPrecisionCache {
     /// cache (benchmarks, replaying a captured context).
     pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
         let n = crate::check_kv_args(&self.shape, layer, k, v)?;
-        self.store(layer, n, k, v)
+        self.store(layer, n, k, v)?;
+        self.slide(layer);
+        Ok(())
     }
 
     fn store(&mut self, layer: usize, n: usize, k: &[f32], v: &[f32]) -> Result<()> {
@@ -143,8 +165,8 @@ impl FullPrecisionCache {
 
     /// Drops the tokens of `layer` from `tokens` on (undoes a store whose attention failed).
     fn truncate(&mut self, layer: usize, tokens: usize) {
-        let len = tokens * self.shape.head_dim;
         let l = &mut self.layers[layer];
+        let len = (tokens - l.dropped) * self.shape.head_dim;
         match &mut l.store {
             Store::F32 { k, v } => k.iter_mut().chain(v.iter_mut()).for_each(|x| x.truncate(len)),
             Store::F16 { k, v } => k.iter_mut().chain(v.iter_mut()).for_each(|x| x.truncate(len)),
@@ -152,7 +174,28 @@ impl FullPrecisionCache {
         l.tokens = tokens;
     }
 
-    /// Keys of one KV head of `layer`, `[t][head_dim]`, widened to f32.
+    /// Drops the oldest tokens of a sliding-window layer that no later query can see, in whole blocks, so that
+    /// the layer holds fewer than `window + DROP_BLOCK` tokens between calls.
+    fn slide(&mut self, layer: usize) {
+        let Some(w) = self.shape.window(layer) else { return };
+        let d = self.shape.head_dim;
+        let l = &mut self.layers[layer];
+        // The next query (position `tokens`) sees positions from `tokens + 1 - w` on.
+        let needed_from = (l.tokens + 1).saturating_sub(w);
+        let excess = needed_from.saturating_sub(l.dropped);
+        if excess < DROP_BLOCK {
+            return;
+        }
+        let drop = excess - excess % DROP_BLOCK;
+        match &mut l.store {
+            Store::F32 { k, v } => k.iter_mut().chain(v.iter_mut()).for_each(|x| drop_front(x, drop * d)),
+            Store::F16 { k, v } => k.iter_mut().chain(v.iter_mut()).for_each(|x| drop_front(x, drop * d)),
+        }
+        l.dropped += drop;
+    }
+
+    /// Keys of one KV head of `layer`, `[t][head_dim]`, widened to f32 (for a sliding-window layer, the tokens
+    /// still held: the last ones, at least the window).
     pub fn keys(&self, layer: usize, head: usize) -> Vec<f32> {
         match &self.layers[layer].store {
             Store::F32 { k, .. } => k[head].clone(),
@@ -185,15 +228,18 @@ impl KvCache for FullPrecisionCache {
         }
         let start = self.layers[layer].tokens;
         self.store(layer, n, k, v)?;
+        let first = self.layers[layer].dropped;
         let attended = match &self.layers[layer].store {
-            Store::F32 { k, v } => attend_exact_f32(&self.shape, k, v, start, q, out),
-            Store::F16 { k, v } => attend_exact_f16(&self.shape, k, v, start, q, out),
+            Store::F32 { k, v } => attend_exact_f32(&self.shape, layer, k, v, first, start, q, out),
+            Store::F16 { k, v } => attend_exact_f16(&self.shape, layer, k, v, first, start, q, out),
         };
         if attended.is_err() {
             // An append either completes or leaves the cache as it was.
             self.truncate(layer, start);
+            return attended;
         }
-        attended
+        self.slide(layer);
+        Ok(())
     }
 
     fn memory(&self) -> MemoryReport {
@@ -205,16 +251,17 @@ impl KvCache for FullPrecisionCache {
                     Store::F32 { k, v } => (k.iter().map(|x| x.len() * 4).sum(), v.iter().map(|x| x.len() * 4).sum()),
                     Store::F16 { k, v } => (k.iter().map(|x| x.len() * 2).sum(), v.iter().map(|x| x.len() * 2).sum()),
                 };
-                LayerMemory { k_full_bytes: kb, v_full_bytes: vb, tokens: l.tokens, ..Default::default() }
+                LayerMemory { k_full_bytes: kb, v_full_bytes: vb, tokens: l.tokens - l.dropped, ..Default::default() }
             })
             .collect();
-        let elements = self.layers.iter().map(|l| 2 * l.tokens * self.shape.kv_row()).sum();
+        let elements = self.layers.iter().map(|l| 2 * (l.tokens - l.dropped) * self.shape.kv_row()).sum();
         MemoryReport { layers, elements }
     }
 
     fn clear(&mut self) {
         for l in &mut self.layers {
             l.tokens = 0;
+            l.dropped = 0;
             match &mut l.store {
                 Store::F32 { k, v } => k.iter_mut().chain(v.iter_mut()).for_each(Vec::clear),
                 Store::F16 { k, v } => k.iter_mut().chain(v.iter_mut()).for_each(Vec::clear),

@@ -60,6 +60,10 @@ pub struct CacheShape {
     pub max_seq_len: usize,
     /// Multiplier of q.k before the softmax, usually 1/sqrt(head_dim).
     pub softmax_scale: f32,
+    /// Per layer, `Some(w)` for a sliding-window layer whose queries see only the last `w` tokens (themselves
+    /// included); empty when no layer slides (Gemma 3's local layers slide over 512 tokens).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<Option<usize>>,
 }
 
 impl CacheShape {
@@ -72,7 +76,18 @@ impl CacheShape {
             head_dim,
             max_seq_len,
             softmax_scale: 1.0 / (head_dim as f32).sqrt(),
+            windows: Vec::new(),
         }
+    }
+
+    /// The sliding window of `layer` (`None`: the layer attends to every cached token).
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.windows.get(layer).copied().flatten()
+    }
+
+    /// The first position that the query at position `pos` of `layer` attends to.
+    pub fn window_start(&self, layer: usize, pos: usize) -> usize {
+        self.window(layer).map_or(0, |w| (pos + 1).saturating_sub(w))
     }
 
     /// Checks the shape itself (GQA ratio, non-zero sizes).
@@ -85,6 +100,16 @@ impl CacheShape {
                 "n_q_heads ({}) must be a multiple of n_kv_heads ({})",
                 self.n_q_heads, self.n_kv_heads
             )));
+        }
+        if !self.windows.is_empty() && self.windows.len() != self.n_layers {
+            return Err(CacheError::InvalidConfig(format!(
+                "{} sliding windows for {} layers",
+                self.windows.len(),
+                self.n_layers
+            )));
+        }
+        if self.windows.contains(&Some(0)) {
+            return Err(CacheError::InvalidConfig("a sliding window of 0 tokens".into()));
         }
         Ok(())
     }

@@ -236,6 +236,11 @@ impl QuantizedCache {
     }
 
     fn append_impl(&mut self, layer: usize, k: &[f32], v: &[f32], attend: Option<(&[f32], &mut [f32])>) -> Result<()> {
+        if let Some(w) = self.shape.window(layer) {
+            if self.seq_len(layer) + k.len() / self.shape.kv_row() > w {
+                return Err(CacheError::WindowNotSupported { layer, window: w, cache: "quantized".into() });
+            }
+        }
         let shape = &self.shape;
         let n = k.len() / shape.kv_row();
         let residual = self.config.residual;

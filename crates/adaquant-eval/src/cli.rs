@@ -9,7 +9,6 @@ use adaquant_model::{paths, Model, ModelConfig};
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 
-use crate::lm::LanguageModel;
 use crate::metrics::{build_reference, evaluate_text, TextEvalSpec};
 use crate::progress::Progress;
 use crate::report::{markdown_table, write_report};
@@ -114,8 +113,8 @@ pub struct SweepArgs {
     /// <data> = $ADAQUANT_DATA, ./data, or data/ beside the executable].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Text for perplexity and KL, tokenized as one string without BOS [default:
-    /// <data>/wikitext-2-raw/wiki.test.raw].
+    /// Text for perplexity and KL, tokenized as one string (BOS in front and first in every window for models that
+    /// add BOS, as llama.cpp does) [default: <data>/wikitext-2-raw/wiki.test.raw].
     #[arg(long)]
     pub text: Option<PathBuf>,
     /// Output folder: results.jsonl (one line per finished point; one sweep at a time per results file), table.md and
@@ -370,10 +369,12 @@ fn load_model(path: &Path) -> anyhow::Result<Model> {
     Ok(m)
 }
 
-fn tokenize_text(lm: &dyn LanguageModel, path: &Path) -> anyhow::Result<Vec<u32>> {
+/// Tokenizes a text file for evaluation in `ctx`-token windows, with llama.cpp's BOS rule (BOS in front and at the
+/// start of every window for models that add BOS; see `adaquant_model::perplexity::text_tokens`).
+fn tokenize_text(model: &Model, path: &Path, ctx: usize) -> anyhow::Result<Vec<u32>> {
     let t = Instant::now();
     let text = crate::data::load_text(path)?;
-    let tokens = lm.encode(&text, false)?;
+    let tokens = adaquant_model::perplexity::text_tokens(model.tokenizer(), &text, ctx)?;
     eprintln!("tokenized {} ({} tokens) in {:.1} s", path.display(), tokens.len(), t.elapsed().as_secs_f64());
     Ok(tokens)
 }
@@ -476,7 +477,7 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let model = load_model(&model_path)?;
-    let tokens = tokenize_text(&model, &text_path)?;
+    let tokens = tokenize_text(&model, &text_path, text.ctx)?;
     let plan = SweepPlan {
         points,
         text,
@@ -544,7 +545,7 @@ pub fn ppl(a: &PplArgs) -> anyhow::Result<()> {
     let shape = read_config(&model_path)?.cache_shape(a.ctx);
     check_cache(&cache_spec, &shape)?;
     let model = load_model(&model_path)?;
-    let tokens = tokenize_text(&model, &text_path)?;
+    let tokens = tokenize_text(&model, &text_path, a.ctx)?;
     let windows = spec.windows(&tokens)?;
     let processed = (windows.len() * a.ctx) as u64;
     let scored = windows.len() * spec.scored_per_window();

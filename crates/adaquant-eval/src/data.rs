@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::error::{EvalError, Result};
 
-/// Reads a whole text file (WikiText-2 raw is tokenized as one string, without BOS).
+/// Reads a whole text file (WikiText-2 raw is tokenized as one string, with llama.cpp's BOS rule).
 pub fn load_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))
 }

@@ -24,6 +24,11 @@ pub trait LanguageModel: Sync {
     /// Tokenizes text.
     fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>>;
 
+    /// Whether the model expects BOS at the start of every sequence (llama.cpp's `add_bos`); task prompts get it.
+    fn add_bos(&self) -> bool {
+        false
+    }
+
     /// Turns tokens back into text.
     fn decode(&self, tokens: &[u32]) -> Result<String>;
 
@@ -87,6 +92,7 @@ pub struct ToyLm {
     pub head_dim: usize,
     embed: Vec<f32>,
     layers: Vec<ToyLayer>,
+    adds_bos: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -137,7 +143,7 @@ impl ToyLm {
                 }
             })
             .collect();
-        ToyLm { vocab, d_model, n_layers, n_q_heads, n_kv_heads, head_dim, embed, layers }
+        ToyLm { vocab, d_model, n_layers, n_q_heads, n_kv_heads, head_dim, embed, layers, adds_bos: false }
     }
 
     /// The default test model: 64 tokens, 2 layers, 4 query and 2 KV heads of 16 channels.
@@ -146,7 +152,19 @@ impl ToyLm {
     }
 }
 
+impl ToyLm {
+    /// The same model, marked as one that expects BOS (token 0) at the start of every sequence.
+    pub fn with_bos(mut self) -> Self {
+        self.adds_bos = true;
+        self
+    }
+}
+
 impl LanguageModel for ToyLm {
+    fn add_bos(&self) -> bool {
+        self.adds_bos
+    }
+
     fn vocab(&self) -> usize {
         self.vocab
     }

@@ -48,6 +48,10 @@ impl LanguageModel for Model {
         self.tokenizer().decode(tokens).map_err(model_err)
     }
 
+    fn add_bos(&self) -> bool {
+        self.tokenizer().add_bos()
+    }
+
     fn max_context(&self) -> usize {
         self.config.max_seq_len
     }

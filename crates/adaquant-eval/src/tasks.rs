@@ -50,10 +50,11 @@ pub fn holds_quantized(cache: &dyn KvCache) -> bool {
 }
 
 /// Splits `context + continuation` into context tokens and continuation tokens the way llama.cpp does: tokenize
-/// the whole string and the context, and call the part after their common prefix the continuation.
+/// the whole string and the context, and call the part after their common prefix the continuation. Both start with
+/// BOS for models that add BOS.
 pub fn split_continuation(lm: &dyn LanguageModel, context: &str, continuation: &str) -> Result<(Vec<u32>, usize)> {
-    let ctx = lm.encode(context, false)?;
-    let full = lm.encode(&format!("{context}{continuation}"), false)?;
+    let ctx = lm.encode(context, lm.add_bos())?;
+    let full = lm.encode(&format!("{context}{continuation}"), lm.add_bos())?;
     let common = ctx.iter().zip(&full).take_while(|(a, b)| a == b).count();
     if common == 0 || common >= full.len() {
         return Err(EvalError::BadRequest(format!(
@@ -208,7 +209,7 @@ pub fn passkey(
                 // Leave room for the generated tokens inside the model's context.
                 let target = len.min(lm.max_context().saturating_sub(16));
                 let p = passkey_prompt(target, depth, key, &mut count)?;
-                let prompt = lm.encode(&p.text, false)?;
+                let prompt = lm.encode(&p.text, lm.add_bos())?;
                 let gen = greedy_generate(lm, cache, &prompt, 8)?;
                 quantized += holds_quantized(cache) as usize;
                 let text = lm.decode(&gen)?;
@@ -227,6 +228,16 @@ mod tests {
     use super::*;
     use crate::lm::ToyLm;
     use adaquant_cache::FullPrecisionCache;
+
+    #[test]
+    fn task_prompts_start_with_bos_for_models_that_add_it() {
+        let plain = ToyLm::small(3);
+        let bos = ToyLm::small(3).with_bos();
+        let (a, at_a) = split_continuation(&plain, "the cat sat on", " the mat").unwrap();
+        let (b, at_b) = split_continuation(&bos, "the cat sat on", " the mat").unwrap();
+        assert_eq!(b[0], 0);
+        assert_eq!((b[1..].to_vec(), at_b - 1), (a, at_a));
+    }
 
     #[test]
     fn continuation_scores_match_a_manual_stepwise_sum() {

@@ -29,8 +29,12 @@ pub enum ModelError {
     MissingKey { key: String, source_name: String },
 
     /// An architecture this forward pass does not implement.
-    #[error("unsupported architecture `{arch}`; supported: llama, mistral, qwen2 (and Llama-family GGUF files)")]
+    #[error("unsupported architecture `{arch}`; supported: llama, mistral, qwen2, qwen3, gemma3 (gemma3_text in config.json)")]
     UnsupportedArch { arch: String },
+
+    /// A RoPE scaling rule that the forward pass does not implement (it is never silently ignored).
+    #[error("RoPE scaling `{kind}` in {source_name} is not implemented; supported: linear, llama3 (config.json) and rope_freqs.weight or linear (GGUF)")]
+    UnsupportedRopeScaling { kind: String, source_name: String },
 
     /// A configuration value that cannot work (zero heads, head counts that do not divide, ...).
     #[error("invalid model configuration: {0}")]

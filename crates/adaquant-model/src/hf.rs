@@ -1,5 +1,6 @@
 //! Hugging Face checkpoint folders: `config.json`, one or more `*.safetensors`, `tokenizer.json` (and, when
-//! present, the chat template of `tokenizer_config.json`), for Llama, Mistral and Qwen2-style models.
+//! present, the chat template and `add_bos_token` of `tokenizer_config.json`), for Llama, Mistral, Qwen2, Qwen3
+//! and Gemma 3 (text) models.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::model::{LayerWeights, Model, Weights};
 use crate::tokenizer::Tokenizer;
 use crate::{ModelError, Result};
@@ -90,6 +91,9 @@ pub fn load_hf_dir(dir: &Path) -> Result<Model> {
     if let Ok(b) = std::fs::read(dir.join("tokenizer_config.json")) {
         if let Ok(j) = serde_json::from_slice::<serde_json::Value>(&b) {
             tokenizer.set_chat_template(j.get("chat_template").and_then(|v| v.as_str()).map(str::to_string));
+            if let Some(b) = j.get("add_bos_token").and_then(|v| v.as_bool()) {
+                tokenizer.set_add_bos(b);
+            }
         }
     }
     let shards = Shards::open(dir)?;
@@ -106,8 +110,27 @@ pub fn load_hf_dir(dir: &Path) -> Result<Model> {
                     Ok(None)
                 }
             };
+            let gemma = c.arch == Arch::Gemma3;
+            // Gemma's RMSNorm multiplies by `1 + w`; the weights are stored as `w`.
+            let norm = |s: &str, n: usize| -> Result<Vec<f32>> {
+                let mut w = shards.get(&p(s), &[n])?;
+                if gemma {
+                    w.iter_mut().for_each(|v| *v += 1.0);
+                }
+                Ok(w)
+            };
+            let opt_norm = |s: &str, n: usize, wanted: bool| -> Result<Option<Vec<f32>>> {
+                wanted.then(|| norm(s, n)).transpose()
+            };
+            // In Gemma 3, `post_attention_layernorm` is the sandwich norm of the attention output and
+            // `pre_feedforward_layernorm` the feed-forward input norm; in Llama the former is the feed-forward input norm.
+            let (ffn_norm_name, post_attn) = if c.post_norms {
+                ("pre_feedforward_layernorm.weight", Some("post_attention_layernorm.weight"))
+            } else {
+                ("post_attention_layernorm.weight", None)
+            };
             Ok(LayerWeights {
-                attn_norm: shards.get(&p("input_layernorm.weight"), &[h])?,
+                attn_norm: norm("input_layernorm.weight", h)?,
                 wq: shards.get(&p("self_attn.q_proj.weight"), &[q, h])?,
                 wk: shards.get(&p("self_attn.k_proj.weight"), &[kv, h])?,
                 wv: shards.get(&p("self_attn.v_proj.weight"), &[kv, h])?,
@@ -115,7 +138,11 @@ pub fn load_hf_dir(dir: &Path) -> Result<Model> {
                 bq: bias("self_attn.q_proj.bias", q)?,
                 bk: bias("self_attn.k_proj.bias", kv)?,
                 bv: bias("self_attn.v_proj.bias", kv)?,
-                ffn_norm: shards.get(&p("post_attention_layernorm.weight"), &[h])?,
+                q_norm: opt_norm("self_attn.q_norm.weight", c.head_dim, c.qk_norm)?,
+                k_norm: opt_norm("self_attn.k_norm.weight", c.head_dim, c.qk_norm)?,
+                post_attn_norm: post_attn.map(|s| norm(s, h)).transpose()?,
+                ffn_norm: norm(ffn_norm_name, h)?,
+                post_ffn_norm: opt_norm("post_feedforward_layernorm.weight", h, c.post_norms)?,
                 w_gate: shards.get(&p("mlp.gate_proj.weight"), &[c.ffn, h])?,
                 w_up: shards.get(&p("mlp.up_proj.weight"), &[c.ffn, h])?,
                 w_down: shards.get(&p("mlp.down_proj.weight"), &[h, c.ffn])?,
@@ -123,11 +150,16 @@ pub fn load_hf_dir(dir: &Path) -> Result<Model> {
         })
         .collect::<Result<Vec<_>>>()?;
     let tied = c.tied_embeddings;
+    let mut out_norm = shards.get("model.norm.weight", &[h])?;
+    if c.arch == Arch::Gemma3 {
+        out_norm.iter_mut().for_each(|v| *v += 1.0);
+    }
     let weights = Weights {
         tok_embd: shards.get("model.embed_tokens.weight", &[config.vocab, h])?,
         layers,
-        out_norm: shards.get("model.norm.weight", &[h])?,
+        out_norm,
         output: if tied { None } else { Some(shards.get("lm_head.weight", &[config.vocab, h])?) },
+        rope_freqs: None,
     };
     Model::from_parts(config, weights, tokenizer)
 }

@@ -26,9 +26,10 @@ pub mod paths;
 pub mod perplexity;
 pub mod qgemm;
 pub mod quant;
+pub mod spm;
 pub mod tokenizer;
 
-pub use config::{Arch, ModelConfig};
+pub use config::{Activation, Arch, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use model::{
     default_weights_mode, set_default_weights_mode, ForwardOptions, LayerHook, LayerTaps, LayerWeights,

@@ -69,6 +69,18 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     });
 }
 
+/// `gate[i] = gelu_tanh(gate[i]) * up[i]`, Gemma's GeGLU gating with the tanh approximation of GELU:
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+pub fn gelu_tanh_glu(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    gate.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(g, u)| {
+        for (g, &u) in g.iter_mut().zip(u) {
+            let x = *g;
+            *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()) * u;
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +119,18 @@ mod tests {
         assert_eq!(g[0], 0.0);
         assert!((g[1] - 2.0 / (1.0 + (-2.0f32).exp())).abs() < 1e-6);
         assert!((g[2] - 2.0 * -3.0 / (1.0 + 3.0f32.exp())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn gelu_tanh_matches_the_formula_in_f64() {
+        let xs = [-6.0f32, -2.5, -1.0, -0.1, 0.0, 0.3, 1.0, 2.0, 7.5];
+        let mut g = xs;
+        gelu_tanh_glu(&mut g, &[2.0; 9]);
+        for (&x, &got) in xs.iter().zip(&g) {
+            let x = x as f64;
+            let want =
+                0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh()) * 2.0;
+            assert!((got as f64 - want).abs() < 1e-5 * want.abs().max(1.0), "gelu_tanh({x}) = {got}, want {want}");
+        }
     }
 }

@@ -1,4 +1,6 @@
-//! The Llama-family forward pass: RMSNorm, RoPE, grouped-query attention through a [`KvCache`], SwiGLU.
+//! The decoder forward pass of the Llama family (Llama, Mistral, Qwen2, Qwen3) and Gemma 3: RMSNorm, RoPE (with
+//! Llama 3 or linear scaling), optional QK-norm, grouped-query attention through a [`KvCache`], SwiGLU or GeGLU,
+//! and Gemma's sandwich norms, scaled embeddings and sliding-window local layers.
 //!
 //! Weights are held dequantized to f32, row-major `[out][in]`. Query and key rows are kept in the Hugging Face
 //! order, where RoPE rotates the two halves of each head (`x[i]`, `x[i + head_dim/2]`): GGUF files of the `llama`
@@ -18,9 +20,9 @@ use std::sync::OnceLock;
 use adaquant_cache::{CacheShape, KvCache};
 use rayon::prelude::*;
 
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Activation, Arch, ModelConfig, RopeScaling};
 use crate::gguf::GgufFile;
-use crate::linalg::{matmul_t, rms_norm, swiglu};
+use crate::linalg::{gelu_tanh_glu, matmul_t, rms_norm, swiglu};
 use crate::qgemm::{self, PackedMatrix};
 use crate::tokenizer::Tokenizer;
 use crate::{ModelError, Result};
@@ -39,7 +41,16 @@ pub struct LayerWeights {
     pub bq: Option<Vec<f32>>,
     pub bk: Option<Vec<f32>>,
     pub bv: Option<Vec<f32>>,
+    /// `[head_dim]` RMSNorm weights applied to every query head before RoPE (QK-norm; Qwen3, Gemma 3).
+    pub q_norm: Option<Vec<f32>>,
+    /// `[head_dim]` RMSNorm weights applied to every key head before RoPE.
+    pub k_norm: Option<Vec<f32>>,
+    /// `[hidden]` RMSNorm of the attention output before the residual add (Gemma's sandwich norm).
+    pub post_attn_norm: Option<Vec<f32>>,
+    /// The feed-forward block's input norm.
     pub ffn_norm: Vec<f32>,
+    /// `[hidden]` RMSNorm of the feed-forward output before the residual add (Gemma's sandwich norm).
+    pub post_ffn_norm: Option<Vec<f32>>,
     /// `[ffn][hidden]`.
     pub w_gate: Vec<f32>,
     /// `[ffn][hidden]`.
@@ -57,6 +68,8 @@ pub struct Weights {
     pub out_norm: Vec<f32>,
     /// `[vocab][hidden]`; `None` when the head is tied to `tok_embd`.
     pub output: Option<Vec<f32>>,
+    /// `[head_dim / 2]` divisors of the RoPE frequencies (GGUF `rope_freqs.weight`, Llama 3 scaling).
+    pub rope_freqs: Option<Vec<f32>>,
 }
 
 /// Borrowed attention weights of one layer, for analysis (norms and spectra of W_Q, W_K, W_V, W_O).
@@ -248,8 +261,10 @@ pub struct Model {
     pub config: ModelConfig,
     weights: Weights,
     tokenizer: Tokenizer,
-    /// `1 / theta^(2i / head_dim)` for `i < head_dim / 2`, in f64.
+    /// RoPE inverse frequencies of the global layers (`theta^(-2i / head_dim)`, rescaled), in f64.
     inv_freq: Vec<f64>,
+    /// RoPE inverse frequencies of the sliding-window layers (unscaled, base `rope_theta_local`).
+    inv_freq_local: Vec<f64>,
     /// Linear layers kept in block formats ([`WeightsMode::Packed`]); their f32 copies in `weights` are empty.
     packed: Option<PackedLinears>,
     /// f32 attention weights of a packed model, dequantized on first use by [`Model::layer_weights`].
@@ -452,8 +467,9 @@ impl Model {
         let file = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&file.header)?;
         let tokenizer = Tokenizer::from_gguf(&file.header)?;
-        // llama.cpp stores Q/K of the `llama` architecture permuted for adjacent-pair RoPE; qwen2 uses NeoX
-        // (half) rotation and is stored unpermuted.
+        // llama.cpp stores Q/K of the `llama` architecture permuted for adjacent-pair RoPE; qwen2, qwen3 and
+        // gemma3 use NeoX (half) rotation and are stored unpermuted. llama.cpp's Gemma converter has already
+        // folded Gemma's `1 + w` norm convention into the stored norm weights.
         let permuted = matches!(config.arch, Arch::Llama | Arch::Mistral);
         let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
             let (v, t) = file.dequantize(name)?;
@@ -476,6 +492,13 @@ impl Model {
                 };
                 let mut bq = bias("attn_q.bias", q)?;
                 let mut bk = bias("attn_k.bias", kv)?;
+                let opt = |s: &str, n: usize, wanted: bool| -> Result<Option<Vec<f32>>> {
+                    if wanted {
+                        get(&p(s), &[n]).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                };
                 if permuted {
                     wq = unpermute_rope_rows(&wq, c.n_q_heads, c.head_dim, h);
                     wk = unpermute_rope_rows(&wk, c.n_kv_heads, c.head_dim, h);
@@ -491,7 +514,11 @@ impl Model {
                     bq,
                     bk,
                     bv: bias("attn_v.bias", kv)?,
+                    q_norm: opt("attn_q_norm.weight", c.head_dim, c.qk_norm)?,
+                    k_norm: opt("attn_k_norm.weight", c.head_dim, c.qk_norm)?,
+                    post_attn_norm: opt("post_attention_norm.weight", h, c.post_norms)?,
                     ffn_norm: get(&p("ffn_norm.weight"), &[h])?,
+                    post_ffn_norm: opt("post_ffw_norm.weight", h, c.post_norms)?,
                     w_gate: get(&p("ffn_gate.weight"), &[c.ffn, h])?,
                     w_up: get(&p("ffn_up.weight"), &[c.ffn, h])?,
                     w_down: get(&p("ffn_down.weight"), &[h, c.ffn])?,
@@ -503,6 +530,10 @@ impl Model {
             layers,
             out_norm: get("output_norm.weight", &[h])?,
             output: if c.tied_embeddings { None } else { Some(get("output.weight", &[c.vocab, h])?) },
+            rope_freqs: match c.rope_scaling {
+                RopeScaling::FreqFactors => Some(get("rope_freqs.weight", &[c.head_dim / 2])?),
+                _ => None,
+            },
         };
         Model::from_parts(config, weights, tokenizer)
     }
@@ -545,15 +576,50 @@ impl Model {
                     None => {}
                 }
             }
+            for (s, w, want, needed) in [
+                ("q_norm", &l.q_norm, c.head_dim, c.qk_norm),
+                ("k_norm", &l.k_norm, c.head_dim, c.qk_norm),
+                ("post_attn_norm", &l.post_attn_norm, h, c.post_norms),
+                ("post_ffn_norm", &l.post_ffn_norm, h, c.post_norms),
+            ] {
+                match w {
+                    Some(w) if needed => check(n(s), w.len(), want)?,
+                    Some(_) => {
+                        return Err(ModelError::InvalidConfig(format!(
+                            "layer {i} has {s} weights but the configuration does not use them"
+                        )))
+                    }
+                    None if needed => return Err(ModelError::MissingTensor(n(s))),
+                    None => {}
+                }
+            }
             check(n("ffn_norm"), l.ffn_norm.len(), h)?;
             check(n("w_gate"), l.w_gate.len(), c.ffn * h)?;
             check(n("w_up"), l.w_up.len(), c.ffn * h)?;
             check(n("w_down"), l.w_down.len(), h * c.ffn)?;
         }
         let half = c.head_dim / 2;
-        let inv_freq =
-            (0..half).map(|i| 1.0 / (c.rope_theta as f64).powf(2.0 * i as f64 / c.head_dim as f64)).collect();
-        Ok(Model { config, weights, tokenizer, inv_freq, packed: None, attn_f32: OnceLock::new() })
+        let factors = match (&c.rope_scaling, &weights.rope_freqs) {
+            (RopeScaling::FreqFactors, Some(f)) => {
+                check("rope_freqs".into(), f.len(), half)?;
+                if let Some(bad) = f.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+                    return Err(ModelError::InvalidConfig(format!(
+                        "rope_freqs holds {bad}; divisors must be positive"
+                    )));
+                }
+                Some(f.as_slice())
+            }
+            (RopeScaling::FreqFactors, None) => return Err(ModelError::MissingTensor("rope_freqs.weight".into())),
+            (_, Some(_)) => {
+                return Err(ModelError::InvalidConfig(
+                    "rope_freqs weights given but the configuration's RoPE scaling does not use them".into(),
+                ))
+            }
+            (_, None) => None,
+        };
+        let inv_freq = c.rope_scaling.inv_freq(c.rope_theta as f64, c.head_dim, factors);
+        let inv_freq_local = RopeScaling::None.inv_freq(c.rope_theta_local as f64, c.head_dim, None);
+        Ok(Model { config, weights, tokenizer, inv_freq, inv_freq_local, packed: None, attn_f32: OnceLock::new() })
     }
 
     /// The tokenizer.
@@ -583,7 +649,21 @@ impl Model {
     /// The cache shape of this model for contexts of up to `max_seq_len` tokens.
     pub fn cache_shape(&self, max_seq_len: usize) -> CacheShape {
         let c = &self.config;
-        CacheShape::new(c.n_layers, c.n_q_heads, c.n_kv_heads, c.head_dim, max_seq_len)
+        let mut shape = CacheShape::new(c.n_layers, c.n_q_heads, c.n_kv_heads, c.head_dim, max_seq_len);
+        shape.softmax_scale = c.attn_scale;
+        if c.local_layers.iter().any(|&l| l) {
+            shape.windows = (0..c.n_layers).map(|l| c.layer_window(l)).collect();
+        }
+        shape
+    }
+
+    /// The RoPE inverse frequencies of `layer` (f64, `head_dim / 2` of them).
+    pub fn rope_inv_freq(&self, layer: usize) -> &[f64] {
+        if self.config.is_local(layer) {
+            &self.inv_freq_local
+        } else {
+            &self.inv_freq
+        }
     }
 
     /// Attention weights of `layer` (see [`LayerWeightsView`]); panics if `layer >= n_layers`.
@@ -656,6 +736,8 @@ impl Model {
             || shape.n_q_heads != c.n_q_heads
             || shape.n_kv_heads != c.n_kv_heads
             || shape.head_dim != c.head_dim
+            || shape.softmax_scale != c.attn_scale
+            || (0..c.n_layers).any(|l| shape.window(l) != c.layer_window(l))
         {
             return Err(ModelError::InvalidInput(format!(
                 "cache shape {shape:?} does not match the model; build it with Model::cache_shape"
@@ -686,14 +768,19 @@ impl Model {
 
         let (h, qd, kvd) = (c.hidden, c.n_q_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let half = c.head_dim / 2;
-        let mut cos_sin = Vec::with_capacity(n * half);
-        for i in 0..n {
-            let p = (start + i) as f64;
-            cos_sin.extend(self.inv_freq.iter().map(|f| {
-                let (s, co) = (p * f).sin_cos();
-                (co as f32, s as f32)
-            }));
-        }
+        let table = |inv_freq: &[f64]| {
+            let mut cos_sin = Vec::with_capacity(n * half);
+            for i in 0..n {
+                let p = (start + i) as f64;
+                cos_sin.extend(inv_freq.iter().map(|f| {
+                    let (s, co) = (p * f).sin_cos();
+                    (co as f32, s as f32)
+                }));
+            }
+            cos_sin
+        };
+        let cos_sin_global = table(&self.inv_freq);
+        let cos_sin_local = if c.local_layers.iter().any(|&l| l) { table(&self.inv_freq_local) } else { Vec::new() };
 
         let mut x = vec![0.0f32; n * h];
         let packed_embd = self.packed.as_ref().and_then(|p| p.tok_embd.as_ref());
@@ -701,6 +788,9 @@ impl Model {
             match packed_embd {
                 Some(pm) => row.copy_from_slice(&pm.dequantize_row(t as usize)),
                 None => row.copy_from_slice(&self.weights.tok_embd[t as usize * h..(t as usize + 1) * h]),
+            }
+            if c.embed_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= c.embed_scale);
             }
         }
         let mut xn = vec![0.0f32; n * h];
@@ -712,6 +802,7 @@ impl Model {
         let mut proj = vec![0.0f32; n * h];
         let mut gate = vec![0.0f32; n * c.ffn];
         let mut up = vec![0.0f32; n * c.ffn];
+        let mut tmp = Vec::new();
 
         for (li, l) in self.weights.layers.iter().enumerate() {
             rms_norm(&x, &l.attn_norm, c.rms_eps, &mut xn);
@@ -725,11 +816,19 @@ impl Model {
                     }
                 }
             }
+            // QK-norm: every head of every token on its own, before RoPE.
+            for (buf, w) in [(&mut q, &l.q_norm), (&mut k, &l.k_norm)] {
+                if let Some(w) = w {
+                    tmp.clone_from(buf);
+                    rms_norm(&tmp, w, c.rms_eps, buf);
+                }
+            }
             if opts.hook.is_some() {
                 k_pre.clone_from(&k);
             }
-            self.rope(&mut q, c.n_q_heads, &cos_sin);
-            self.rope(&mut k, c.n_kv_heads, &cos_sin);
+            let cos_sin = if c.is_local(li) { &cos_sin_local } else { &cos_sin_global };
+            self.rope(&mut q, c.n_q_heads, cos_sin);
+            self.rope(&mut k, c.n_kv_heads, cos_sin);
             cache.append_attend(li, &q, &k, &v, &mut attn)?;
             if let Some(hook) = opts.hook.as_deref_mut() {
                 let taps =
@@ -737,13 +836,24 @@ impl Model {
                 hook.on_layer(li, &taps);
             }
             self.linear(li, Lin::O, &attn, n, qd, &l.wo, h, &mut proj)?;
+            if let Some(w) = &l.post_attn_norm {
+                tmp.clone_from(&proj);
+                rms_norm(&tmp, w, c.rms_eps, &mut proj);
+            }
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
 
             rms_norm(&x, &l.ffn_norm, c.rms_eps, &mut xn);
             self.linear(li, Lin::Gate, &xn, n, h, &l.w_gate, c.ffn, &mut gate)?;
             self.linear(li, Lin::Up, &xn, n, h, &l.w_up, c.ffn, &mut up)?;
-            swiglu(&mut gate, &up);
+            match c.activation {
+                Activation::Silu => swiglu(&mut gate, &up),
+                Activation::GeluTanh => gelu_tanh_glu(&mut gate, &up),
+            }
             self.linear(li, Lin::Down, &gate, n, c.ffn, &l.w_down, h, &mut proj)?;
+            if let Some(w) = &l.post_ffn_norm {
+                tmp.clone_from(&proj);
+                rms_norm(&tmp, w, c.rms_eps, &mut proj);
+            }
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
 

@@ -16,6 +16,9 @@ use std::path::{Path, PathBuf};
 /// File name of the default model.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// File name of Gemma 3 270M (base, Q4_K_M), the second real model (`cargo xtask fetch` places it).
+pub const GEMMA3_270M_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+
 /// The variable that names the data folder.
 pub const DATA_ENV: &str = "ADAQUANT_DATA";
 
@@ -114,6 +117,11 @@ pub fn data_search() -> String {
 /// The default model, `<data>/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
 pub fn default_model() -> PathBuf {
     data_root().join("models").join(DEFAULT_MODEL_FILE)
+}
+
+/// Gemma 3 270M, `<data>/models/gemma-3-270m-q4_k_m.gguf`.
+pub fn gemma3_270m() -> PathBuf {
+    data_root().join("models").join(GEMMA3_270M_FILE)
 }
 
 /// WikiText-2 raw test text.

@@ -4,12 +4,15 @@
 //! (`tokenizer.ggml.merges`, "left right" strings), each token's type (`tokenizer.ggml.token_type`, 3 = control,
 //! i.e. special) and the name of the pre-tokenizer (`tokenizer.ggml.pre`). adaquant turns them into the same
 //! `tokenizer.json` document a Hugging Face checkpoint ships and loads that, so both sources go through one path.
+//! A GGUF file of a SentencePiece model (`tokenizer.ggml.model = llama`: Llama 1/2, Gemma) stores pieces, scores
+//! and token types; it is encoded with llama.cpp's SentencePiece algorithm ([`crate::spm`]).
 
 use std::path::Path;
 
 use serde_json::{json, Map};
 
 use crate::gguf::{Gguf, Value};
+use crate::spm::SpmVocab;
 use crate::{ModelError, Result};
 
 /// The GPT-4-style split used by Llama 3 ("llama-bpe" in GGUF) checkpoints.
@@ -20,10 +23,18 @@ const QWEN2_SPLIT: &str =
 
 /// A text tokenizer with the ids of its special tokens.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Inner,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// The model expects BOS at the start of every sequence (GGUF `tokenizer.ggml.add_bos_token`, or
+    /// `add_bos_token` in `tokenizer_config.json`).
+    add_bos: bool,
     chat_template: Option<String>,
+}
+
+enum Inner {
+    Hf(Box<tokenizers::Tokenizer>),
+    Spm(Box<SpmVocab>),
 }
 
 fn tok_err(e: impl std::fmt::Display) -> ModelError {
@@ -40,7 +51,62 @@ impl Tokenizer {
     /// Parses a `tokenizer.json` document.
     pub fn from_json_bytes(bytes: &[u8], bos: Option<u32>, eos: Option<u32>) -> Result<Tokenizer> {
         let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(tok_err)?;
-        Ok(Tokenizer { inner, bos, eos, chat_template: None })
+        Ok(Tokenizer { inner: Inner::Hf(Box::new(inner)), bos, eos, add_bos: false, chat_template: None })
+    }
+
+    /// Sets whether the model expects BOS at the start of every sequence.
+    pub fn set_add_bos(&mut self, add_bos: bool) {
+        self.add_bos = add_bos;
+    }
+
+    /// Whether the model expects BOS at the start of every sequence (llama.cpp's `add_bos`).
+    pub fn add_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
+    }
+
+    /// The SentencePiece tokenizer of a GGUF file (`tokenizer.ggml.model = llama`).
+    fn from_gguf_spm(g: &Gguf) -> Result<Tokenizer> {
+        let missing =
+            |k: &str| ModelError::MissingKey { key: k.to_string(), source_name: "GGUF tokenizer metadata".to_string() };
+        let arr = |k: &str| g.get(k).and_then(Value::as_array).ok_or_else(|| missing(k));
+        let tokens = arr("tokenizer.ggml.tokens")?;
+        let scores = arr("tokenizer.ggml.scores")?;
+        let types = arr("tokenizer.ggml.token_type")?;
+        let pieces = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| ModelError::Tokenizer(format!("token {i} is not a string")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let scores = scores
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_f64().map(|x| x as f32).ok_or_else(|| ModelError::Tokenizer(format!("score {i} is not a number")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let types = types
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v.as_i64().ok_or_else(|| ModelError::Tokenizer(format!("token type {i} is not an integer"))))
+            .collect::<Result<Vec<_>>>()?;
+        let add_space_prefix = g.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+        let n = pieces.len();
+        let vocab = SpmVocab::new(pieces, scores, types, add_space_prefix)?;
+        let id = |k: &str| {
+            g.get(k).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < n)
+        };
+        Ok(Tokenizer {
+            inner: Inner::Spm(Box::new(vocab)),
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
+            // llama.cpp's default for SentencePiece vocabularies is to add BOS.
+            add_bos: g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(true),
+            chat_template: g.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string),
+        })
     }
 
     /// Rebuilds the tokenizer stored in GGUF metadata.
@@ -49,10 +115,13 @@ impl Tokenizer {
             |k: &str| ModelError::MissingKey { key: k.to_string(), source_name: "GGUF tokenizer metadata".to_string() };
         let model =
             g.get("tokenizer.ggml.model").and_then(Value::as_str).ok_or_else(|| missing("tokenizer.ggml.model"))?;
+        if model == "llama" {
+            return Self::from_gguf_spm(g);
+        }
         if model != "gpt2" {
             return Err(ModelError::Tokenizer(format!(
-                "GGUF tokenizer model `{model}` is not supported (only gpt2-style byte-level BPE); \
-                 use the Hugging Face checkpoint folder with its tokenizer.json instead"
+                "GGUF tokenizer model `{model}` is not supported (gpt2-style byte-level BPE and llama-style \
+                 SentencePiece are); use the Hugging Face checkpoint folder with its tokenizer.json instead"
             )));
         }
         let tokens =
@@ -131,6 +200,7 @@ impl Tokenizer {
         let mut t =
             Self::from_json_bytes(&bytes, id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id"))?;
         t.chat_template = g.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string);
+        t.add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
         Ok(t)
     }
 
@@ -147,15 +217,17 @@ impl Tokenizer {
     /// Token ids of `text`; with `add_bos`, the beginning-of-sequence token is prepended.
     /// Special tokens written in the text (such as `<|im_start|>`) become their ids.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(tok_err)?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut ids = Vec::new();
         if add_bos {
             let bos = self
                 .bos
                 .ok_or_else(|| ModelError::Tokenizer("add_bos requested, but the model has no BOS token".into()))?;
             ids.push(bos);
         }
-        ids.extend_from_slice(enc.get_ids());
+        match &self.inner {
+            Inner::Hf(t) => ids.extend_from_slice(t.encode(text, false).map_err(tok_err)?.get_ids()),
+            Inner::Spm(v) => ids.extend(v.encode(text)?),
+        }
         Ok(ids)
     }
 
@@ -166,22 +238,34 @@ impl Tokenizer {
         if let Some((pos, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= n) {
             return Err(ModelError::TokenOutOfRange { id, pos, vocab: n });
         }
-        self.inner.decode(ids, false).map_err(tok_err)
+        match &self.inner {
+            Inner::Hf(t) => t.decode(ids, false).map_err(tok_err),
+            Inner::Spm(v) => v.decode(ids),
+        }
     }
 
     /// Tokens in the vocabulary, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.inner {
+            Inner::Hf(t) => t.get_vocab_size(true),
+            Inner::Spm(v) => v.len(),
+        }
     }
 
     /// The id of token string `token`.
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.inner {
+            Inner::Hf(t) => t.token_to_id(token),
+            Inner::Spm(v) => v.piece_id(token),
+        }
     }
 
     /// The string of token `id`.
     pub fn token_str(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.inner {
+            Inner::Hf(t) => t.id_to_token(id),
+            Inner::Spm(v) => v.piece(id).map(str::to_string),
+        }
     }
 
     /// Beginning-of-sequence token.
