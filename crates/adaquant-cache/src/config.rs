@@ -541,7 +541,8 @@ mod tests {
         .with_residual(64)
         .with_sinks(4);
         let layer = r#"{"k":{"quant":{"bits":4,"group":32,"axis":"per_channel"}},"v":{"quant":{"bits":2,"group":32,"axis":"per_token"}}}"#;
-        let kvq = r#"{"nbits":{"k":4,"v":2},"group_size":32,"residual_length":64,"axis":{"k":"per_channel","v":1},"sinks":4}"#;
+        // A kvq config means HQQ unless it names another quantizer (checked below); this one names min-max.
+        let kvq = r#"{"nbits":{"k":4,"v":2},"group_size":32,"residual_length":64,"axis":{"k":"per_channel","v":1},"sinks":4,"quantizer":"minmax"}"#;
         let inline = [
             format!(r#"{{"kind":"uniform","layer":{layer},"residual":64,"sinks":4}}"#),
             format!(r#"{{"kind":"quant","layers":[{layer},{layer}],"residual":64,"sinks":4}}"#),
@@ -563,6 +564,8 @@ mod tests {
         for f in &forms {
             assert_eq!(config(f), want, "{f}");
         }
+        let hqq = config(r#"{"nbits":{"k":4,"v":2},"group_size":32}"#);
+        assert!(matches!(hqq.layers[0].k, Precision::Quant(q) if q.zero != adaquant_kernels::ZeroPoint::MinMax), "{hqq:?}");
         // Specs written by serde read back.
         for spec in [CacheSpec::FullF16, parse("k4v2-g32-r64-s4-kivi"), CacheSpec::Quant(want.clone())] {
             assert_eq!(parse(&serde_json::to_string(&spec).unwrap()), spec);
