@@ -565,7 +565,10 @@ mod tests {
             assert_eq!(config(f), want, "{f}");
         }
         let hqq = config(r#"{"nbits":{"k":4,"v":2},"group_size":32}"#);
-        assert!(matches!(hqq.layers[0].k, Precision::Quant(q) if q.zero != adaquant_kernels::ZeroPoint::MinMax), "{hqq:?}");
+        assert!(
+            matches!(hqq.layers[0].k, Precision::Quant(q) if q.zero != adaquant_kernels::ZeroPoint::MinMax),
+            "{hqq:?}"
+        );
         // Specs written by serde read back.
         for spec in [CacheSpec::FullF16, parse("k4v2-g32-r64-s4-kivi"), CacheSpec::Quant(want.clone())] {
             assert_eq!(parse(&serde_json::to_string(&spec).unwrap()), spec);
