@@ -438,7 +438,7 @@ fn emulated_fused_attention_equals_the_reference() {
 #[test]
 fn emulated_lloyd_max_attention_equals_the_reference() {
     if gpp().is_none() {
-        eprintln!("SKIPPED emulated_lloyd_max_attention_equals_the_reference: g++ not found");
+        skip(Need::Gxx, "emulated_lloyd_max_attention_equals_the_reference", "g++ not found");
         return;
     }
     let lloyd = |s: QuantSpec| QuantSpec { levels: adaquant_kernels::Levels::LloydMax, ..s };
