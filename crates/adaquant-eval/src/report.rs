@@ -752,13 +752,19 @@ mod tests {
             rec("K4V2", "fixed", 4.0, 2.0, 22.0, 0.1, 3.5),
             rec("K2V4", "fixed", 2.0, 4.0, 25.0, 0.3, 3.5),
         ];
-        for name in ["table.md", "ppl-vs-bits.png", "heatmap-kl-g64-tok-tok-r128.svg"] {
+        let slug = groups(&rs)[0].slug.clone();
+        let names = [
+            "table.md".to_string(),
+            format!("{slug}-ppl-vs-bits.png"),
+            format!("{slug}-heatmap-kl-g64-tok-tok-r128.svg"),
+        ];
+        for name in &names {
             std::fs::write(dir.join(name), "old").unwrap();
             std::fs::hard_link(dir.join(name), dir.join(format!("held-{name}"))).unwrap();
         }
         let files = write_report(&rs, &dir).unwrap();
-        assert_eq!(files.plots.len(), 10);
-        for name in ["table.md", "ppl-vs-bits.png", "heatmap-kl-g64-tok-tok-r128.svg"] {
+        assert!(files.plots.iter().any(|p| p.ends_with(&names[1])), "{:?}", files.plots);
+        for name in &names {
             assert_eq!(std::fs::read_to_string(dir.join(format!("held-{name}"))).unwrap(), "old", "{name}");
             assert!(std::fs::metadata(dir.join(name)).unwrap().len() > 100, "{name}");
         }
