@@ -74,8 +74,13 @@ fn every_quantizer_family_runs_and_is_named() {
     let files = write_report(records, &dir).unwrap();
     let table = std::fs::read_to_string(&files.table).unwrap();
     assert!(table.contains("packed bits") && table.contains("rot-lloyd") && table.contains("K2V2 hqq"), "{table}");
-    assert!(files.plots.iter().any(|p| p.file_name().unwrap() == "kl-vs-packed-bits.svg"), "{:?}", files.plots);
-    let svg = std::fs::read_to_string(dir.join("kl-vs-packed-bits.svg")).unwrap();
+    // Plot files start with their settings (model, text, window); the family plot ends in kl-vs-packed-bits.
+    let svg_path = files
+        .plots
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with("-kl-vs-packed-bits.svg"))
+        .unwrap_or_else(|| panic!("{:?}", files.plots));
+    let svg = std::fs::read_to_string(svg_path).unwrap();
     for family in ["minmax", "hqq", "rot-minmax", "rot-lloyd", "minmax (per-channel K)"] {
         assert!(svg.contains(family), "legend lacks {family}");
     }
