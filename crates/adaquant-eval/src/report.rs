@@ -287,7 +287,7 @@ pub fn markdown_table(records: &[PointResult]) -> String {
                 side_label(r, r.k_bits),
                 side_label(r, r.v_bits),
                 layout(r),
-                if r.packed_bits > 0.0 { format!("{:.3}", r.packed_bits) } else { "-".into() },
+                if r.packed_bits > 0.0 && r.policy != "full" { format!("{:.3}", r.packed_bits) } else { "-".into() },
                 r.bits_per_element,
                 r.kv_bytes as f64 / 1024.0,
                 quantized,
