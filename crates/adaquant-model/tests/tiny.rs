@@ -17,8 +17,71 @@ use serde_json::Value as Json;
 
 const TOL: f32 = 1e-4;
 
-fn dir(name: &str) -> PathBuf {
+/// The committed files of a tiny checkpoint: configuration, tokenizer, tensor list and reference logits.
+fn source(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny").join(name)
+}
+
+fn fnv1a(name: &str) -> u64 {
+    name.bytes().fold(0xCBF29CE484222325, |h, b| (h ^ b as u64).wrapping_mul(0x100000001B3))
+}
+
+fn splitmix(x: u64) -> u64 {
+    let x = x.wrapping_add(0x9E3779B97F4A7C15);
+    let x = (x ^ (x >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    let x = (x ^ (x >> 27)).wrapping_mul(0x94D049BB133111EB);
+    x ^ (x >> 31)
+}
+
+/// Element `i` of tensor `name`, as `make_tiny.py`'s `value` defines it (exact in f32).
+fn weight_value(name: &str, i: usize, gemma: bool) -> f32 {
+    let m = (splitmix(fnv1a(name) ^ (i as u64).wrapping_mul(0x9E3779B97F4A7C15)) % 2001) as f32 - 1000.0;
+    let u = m / 1024.0;
+    match (name.contains("norm"), gemma) {
+        (true, true) => 0.5 * u,
+        (true, false) => 1.0 + 0.5 * u,
+        _ => 0.25 * u,
+    }
+}
+
+/// A tiny checkpoint folder in the temporary directory: the committed files plus `model.safetensors` rebuilt from
+/// `weights.json` (no weights are committed).
+fn dir(name: &str) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("adaquant-tiny-{name}-{}", std::process::id()));
+    if out.join("model.safetensors").is_file() {
+        return out;
+    }
+    std::fs::create_dir_all(&out).unwrap();
+    for f in ["config.json", "tokenizer.json", "logits.json"] {
+        std::fs::copy(source(name).join(f), out.join(f)).unwrap();
+    }
+    let list: Json = serde_json::from_slice(&std::fs::read(source(name).join("weights.json")).unwrap()).unwrap();
+    let gemma = name == "gemma3";
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let n = t["name"].as_str().unwrap().to_string();
+            let shape: Vec<usize> =
+                t["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            let count: usize = shape.iter().product();
+            let bytes = (0..count).flat_map(|i| weight_value(&n, i, gemma).to_le_bytes()).collect();
+            (n, shape, bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, shape, b)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).unwrap())
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, None).unwrap();
+    // Written under a temporary name and renamed, so parallel tests never read half a file.
+    let tmp = out.join(format!("model.safetensors.{:?}", std::thread::current().id()));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, out.join("model.safetensors")).unwrap();
+    out
 }
 
 struct Reference {

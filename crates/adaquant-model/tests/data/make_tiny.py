@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Builds the tiny random checkpoints of `tests/tiny.rs` with Hugging Face transformers' own model classes.
 
-Each folder under `tiny/` gets `config.json`, `model.safetensors` (float32), a word-level `tokenizer.json` and
+Each folder under `tiny/` gets `config.json`, `weights.json` (the tensors' names and shapes; their values are an
+integer hash that `tests/tiny.rs` recomputes, so no weights are committed), a word-level `tokenizer.json` and
 `logits.json`: the reference model's float32 logits for every position of `PROMPT` (`PROMPT_LONG` for Gemma).
 
 Pinned environment (CPU is enough; run from this folder):
@@ -95,16 +96,38 @@ def models():
     )
 
 
-def randomize(model, gemma):
-    """Norm weights and biases start at constants; make them random so that a wrong convention shows."""
-    g = torch.Generator().manual_seed(7)
+MASK = (1 << 64) - 1
+
+
+def fnv1a(name):
+    h = 0xCBF29CE484222325
+    for byte in name.encode():
+        h = ((h ^ byte) * 0x100000001B3) & MASK
+    return h
+
+
+def splitmix(x):
+    x = (x + 0x9E3779B97F4A7C15) & MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK
+    return x ^ (x >> 31)
+
+
+def value(name, i, gemma):
+    """Element `i` of tensor `name`: an integer hash made exact in float32, so `tests/tiny.rs` rebuilds the same
+    weights without any stored file. Norm weights sit near 1 (near 0 for Gemma, whose norms add 1)."""
+    u = (splitmix(fnv1a(name) ^ ((i * 0x9E3779B97F4A7C15) & MASK)) % 2001 - 1000) / 1024.0
+    if "norm" in name:
+        return 0.5 * u if gemma else 1.0 + 0.5 * u
+    return 0.25 * u
+
+
+def fill(model, gemma):
+    """Sets every parameter from `value` by its name."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                lo, hi = (-0.5, 0.5) if gemma else (0.5, 1.5)
-                p.copy_(torch.rand(p.shape, generator=g) * (hi - lo) + lo)
-            elif name.endswith(".bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            flat = [value(name, i, gemma) for i in range(p.numel())]
+            p.copy_(torch.tensor(flat, dtype=torch.float32).reshape(p.shape))
 
 
 def tokenizer_json():
@@ -125,10 +148,22 @@ def main():
     torch.manual_seed(0)
     for name, model in models():
         model = model.float().eval()
-        randomize(model, name == "gemma3")
+        fill(model, name == "gemma3")
         out = os.path.join(HERE, "tiny", name)
         os.makedirs(out, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
+        # The weights are not committed: `weights.json` lists the saved tensors, and the test rebuilds their values.
+        from safetensors import safe_open
+
+        st = os.path.join(out, "model.safetensors")
+        with safe_open(st, "pt") as f:
+            listed = [{"name": k, "shape": list(f.get_tensor(k).shape)} for k in sorted(f.keys())]
+            for k in f.keys():
+                t = f.get_tensor(k).flatten()
+                assert all(float(t[i]) == value(k, i, name == "gemma3") for i in range(0, t.numel(), 97)), k
+        os.remove(st)
+        with open(os.path.join(out, "weights.json"), "w") as f:
+            json.dump(listed, f)
         gen = os.path.join(out, "generation_config.json")
         if os.path.exists(gen):
             os.remove(gen)
