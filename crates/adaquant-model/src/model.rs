@@ -635,13 +635,19 @@ impl Model {
     /// Bytes the weights occupy in memory.
     pub fn resident_weight_bytes(&self) -> usize {
         let w = &self.weights;
-        let mut n = w.tok_embd.len() + w.out_norm.len() + w.output.as_ref().map_or(0, Vec::len);
+        let mut n = w.tok_embd.len()
+            + w.out_norm.len()
+            + w.output.as_ref().map_or(0, Vec::len)
+            + w.rope_freqs.as_ref().map_or(0, Vec::len);
         for l in &w.layers {
             n += [&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_norm, &l.w_gate, &l.w_up, &l.w_down]
                 .iter()
                 .map(|v| v.len())
                 .sum::<usize>();
-            n += [&l.bq, &l.bk, &l.bv].iter().map(|b| b.as_ref().map_or(0, Vec::len)).sum::<usize>();
+            n += [&l.bq, &l.bk, &l.bv, &l.q_norm, &l.k_norm, &l.post_attn_norm, &l.post_ffn_norm]
+                .iter()
+                .map(|b| b.as_ref().map_or(0, Vec::len))
+                .sum::<usize>();
         }
         n * std::mem::size_of::<f32>() + self.packed.as_ref().map_or(0, PackedLinears::bytes)
     }

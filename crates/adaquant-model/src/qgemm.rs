@@ -271,19 +271,9 @@ fn run(x: &QuantizedRows, w: &PackedMatrix, out: &mut [f32], kernel: Kernel) -> 
             #[cfg(target_arch = "x86_64")]
             if kernel == Kernel::Avx2 && x.kind == ActKind::Q8Block {
                 // Four activation rows share each unpacked weight block; every element keeps its own order.
-                let f = avx2::fmt_id(w.ty);
                 while i + 4 <= rows.end {
-                    // SAFETY: AVX2 and FMA were detected; rows i..i + 4 exist and hold whole
-                    // blocks.
-                    let v = unsafe {
-                        match f {
-                            avx2::F_Q4_0 => avx2::dot_32_rows::<{ avx2::F_Q4_0 }, 4>(w.row(j), x, i),
-                            avx2::F_Q4_1 => avx2::dot_32_rows::<{ avx2::F_Q4_1 }, 4>(w.row(j), x, i),
-                            avx2::F_Q5_0 => avx2::dot_32_rows::<{ avx2::F_Q5_0 }, 4>(w.row(j), x, i),
-                            avx2::F_Q5_1 => avx2::dot_32_rows::<{ avx2::F_Q5_1 }, 4>(w.row(j), x, i),
-                            _ => avx2::dot_32_rows::<{ avx2::F_Q8_0 }, 4>(w.row(j), x, i),
-                        }
-                    };
+                    // SAFETY: AVX2 and FMA were detected; rows i..i + 4 exist and hold whole blocks.
+                    let v = unsafe { avx2::rows::<4>(w.ty, w.row(j), x, i) };
                     for (r, v) in v.into_iter().enumerate() {
                         // SAFETY: tasks cover disjoint rectangles of `out`, whose length was checked above.
                         unsafe { dst.write((i + r) * m + j, v) };
@@ -360,7 +350,7 @@ impl Kernel {
                     Kernel::Scalar => dot_32_ref(w.ty, wr, qs, d, s),
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: AVX2 and FMA were detected; the slices hold whole blocks of the same count.
-                    Kernel::Avx2 => unsafe { avx2::dot_32(w.ty, wr, qs, d, s) },
+                    Kernel::Avx2 => unsafe { avx2::rows::<1>(w.ty, wr, x, i)[0] },
                 }
             }
         }
@@ -527,7 +517,7 @@ fn dot_k(ty: GgmlType, w: &[u8], qs: &[i8], d: &[f32], bsums: &[i32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{f16_at, has_min, QK};
+    use super::{f16_at, QK};
     use crate::quant::GgmlType;
     use std::arch::x86_64::*;
 
@@ -578,6 +568,24 @@ mod avx2 {
             GgmlType::Q5_0 => F_Q5_0,
             GgmlType::Q5_1 => F_Q5_1,
             _ => F_Q8_0,
+        }
+    }
+
+    /// [`dot_32_rows`] for the format `ty`, chosen at run time.
+    ///
+    /// # Safety
+    /// As [`dot_32_rows`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rows<const R: usize>(ty: GgmlType, w: &[u8], x: &super::QuantizedRows, i0: usize) -> [f32; R] {
+        // SAFETY: as documented.
+        unsafe {
+            match fmt_id(ty) {
+                F_Q4_0 => dot_32_rows::<F_Q4_0, R>(w, x, i0),
+                F_Q4_1 => dot_32_rows::<F_Q4_1, R>(w, x, i0),
+                F_Q5_0 => dot_32_rows::<F_Q5_0, R>(w, x, i0),
+                F_Q5_1 => dot_32_rows::<F_Q5_1, R>(w, x, i0),
+                _ => dot_32_rows::<F_Q8_0, R>(w, x, i0),
+            }
         }
     }
 
@@ -677,49 +685,6 @@ mod avx2 {
         let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
         let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
         _mm_cvtss_f32(s1)
-    }
-
-    /// One element of a 32-element format by the contract.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be available; `w` holds whole blocks of `ty`, `qs` 32 codes per block, `d` and `s` one
-    /// value per block.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_32(ty: GgmlType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32]) -> f32 {
-        let bb = ty.block_bytes();
-        let nb = w.len() / bb;
-        debug_assert!(qs.len() >= nb * QK && d.len() >= nb && s.len() >= nb);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut summ = 0.0f32;
-        let min = has_min(ty);
-        for b in 0..nb {
-            // SAFETY: block `b` of `w` and codes `32b..32b + 32` of `qs` exist (checked above in debug builds, and
-            // by construction in `PackedMatrix`/`QuantizedRows`).
-            unsafe {
-                let blk = w.as_ptr().add(b * bb);
-                let q = _mm256_loadu_si256(qs.as_ptr().add(b * QK) as *const __m256i);
-                let p16 = if ty == GgmlType::Q8_0 {
-                    let c = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(c, c), _mm256_sign_epi8(q, c))
-                } else {
-                    let (c, off) = codes(ty, blk);
-                    let p = _mm256_maddubs_epi16(c, q);
-                    if off != 0 {
-                        _mm256_sub_epi16(p, _mm256_maddubs_epi16(_mm256_set1_epi8(off), q))
-                    } else {
-                        p
-                    }
-                };
-                let p32 = _mm256_madd_epi16(p16, ones);
-                let dd = _mm256_set1_ps(f16_at(w, b * bb) * *d.get_unchecked(b));
-                acc = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(p32), acc);
-                if min {
-                    summ = f16_at(w, b * bb + 2).mul_add(*s.get_unchecked(b), summ);
-                }
-            }
-        }
-        reduce(acc) + summ
     }
 }
 

@@ -70,6 +70,7 @@ fn packed_logits_follow_the_f32_reference() {
     }
     let kl = kl / tokens.len() as f64;
     let agree = agree as f64 / tokens.len() as f64;
+    eprintln!("mean KL(f32 || packed) {kl:.5}, top-1 agreement {agree:.4}");
     // Measured: 3.2e-3 on these 256 tokens (8-bit activations with f32 block scales).
     assert!(kl < 5e-3, "mean KL(f32 || packed) = {kl}");
     assert!(agree > 0.95, "top-1 agreement {agree}");
