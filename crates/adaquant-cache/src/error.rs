@@ -9,9 +9,6 @@ pub enum CacheError {
     Full { layer: usize, held: usize, adding: usize, max: usize },
 
     /// A configuration that cannot work (bad group size, unknown width, budget out of reach, ...).
-    /// A sliding-window layer asked to hold more than its window in a cache that does not slide yet.
-    #[error("layer {layer} slides over {window} tokens; the {cache} cache does not implement sliding windows yet, so contexts are limited to {window} tokens for this model (the f32/f16 caches slide)")]
-    WindowNotSupported { layer: usize, window: usize, cache: String },
 
     #[error("invalid cache configuration: {0}")]
     InvalidConfig(String),

@@ -31,7 +31,7 @@ struct Layer {
 }
 
 /// A sliding-window layer drops its oldest tokens in blocks of this many, so that dropping costs O(1) per token.
-const DROP_BLOCK: usize = 64;
+pub(crate) const DROP_BLOCK: usize = 64;
 
 /// A cache that keeps every key and value unquantized, one `[t][head_dim]` buffer per KV head.
 ///

@@ -18,6 +18,15 @@
 //! [`crate::FullPrecisionCache`] holds and hands to the same kernel, so an all-unquantized cache gives
 //! bit-identical outputs.
 //!
+//! A sliding-window layer (Gemma 3's local layers, [`CacheShape::windows`]) shows each query only its window and
+//! frees what no later query can see, in blocks: whole aligned groups from the front of the packed streams
+//! ([`PackedStream::drop_front`], at multiples of [`adaquant_kernels::format::QuantSpec::token_align`]), and the
+//! front of an unquantized side's tail. Nothing is re-quantized: a query whose window starts inside a packed group
+//! reads the group's visible tokens dequantized into a scratch buffer (the exact leading part of
+//! [`HeadKv`], free because a window that starts past the sinks hides them) and the aligned rest packed, so a
+//! windowed layer stays decode-faithful and holds less than its window (or its exact window, whichever is longer)
+//! plus one drop block.
+//!
 //! A side whose spec carries a [`adaquant_kernels::Rotation`] is held entirely in a rotated basis (sinks, packed
 //! stream and tail): each KV head has its own seeded Hadamard rotation ([`adaquant_kernels::rotate`]), applied to
 //! every appended token (keys after RoPE, as the model hands them over) before it is stored. Rotated keys get the
@@ -26,11 +35,12 @@
 //! `O(head_dim log head_dim)` per appended token and per query, never per cached token.
 
 use adaquant_kernels::attn::{decode_attention, decode_attention_serial, HeadKv};
-use adaquant_kernels::quant::{PackedStream, PackedView};
+use adaquant_kernels::quant::{dequantize, PackedStream, PackedView};
 use adaquant_kernels::rotate::{head_seed, HadamardRotation};
 use rayon::prelude::*;
 
 use crate::config::{Precision, QuantCacheConfig};
+use crate::full::DROP_BLOCK;
 use crate::{check_append_args, check_kv_args, CacheError, CacheShape, KvCache, LayerMemory, MemoryReport, Result};
 
 /// Bytes of one exact element (the cache holds exact tokens as f32).
@@ -49,9 +59,15 @@ struct HeadSide {
     /// `[min(tokens, sinks)][head_dim]`.
     sink: Vec<f32>,
     packed: Option<PackedStream>,
-    /// `[dead + live][head_dim]`; the first `dead` tokens were flushed into `packed` and are no longer held.
+    /// Tokens dropped from the front of `packed` (a sliding-window layer): it holds stream tokens
+    /// `packed_base..`, stream token `i` being position `sinks + i`.
+    packed_base: usize,
+    /// `[dead + live][head_dim]`; the first `dead` tokens were flushed into `packed` (or, for an unquantized side of
+    /// a sliding-window layer, dropped) and are no longer held.
     tail: Vec<f32>,
     dead: usize,
+    /// Position of `tail[0]`.
+    tail_base: usize,
 }
 
 impl HeadSide {
@@ -120,16 +136,46 @@ pub fn side_split(p: &Precision, tokens: usize, residual: usize, sinks: usize) -
     (s, q, tokens - s - q)
 }
 
+/// The front of a sliding-window layer's history that no query after `tokens` tokens can see is freed in blocks of
+/// at least this many tokens: [`DROP_BLOCK`] rounded up to the side's cut alignment.
+fn drop_block(p: &Precision, head_dim: usize) -> usize {
+    let a = p.spec().map_or(1, |s| s.token_align(head_dim));
+    DROP_BLOCK.div_ceil(a) * a
+}
+
+/// Tokens freed from the front of one side after `tokens` were appended to a layer whose next query sees positions
+/// from `visible_from` on (0 for a layer that does not slide): for a quantized side, packed stream tokens; for an
+/// unquantized one, tail tokens. `sinks` is the layer's (0 when both sides are unquantized).
+pub fn dropped_tokens(
+    p: &Precision,
+    head_dim: usize,
+    tokens: usize,
+    residual: usize,
+    sinks: usize,
+    visible_from: usize,
+) -> usize {
+    let (_, q, tail) = side_split(p, tokens, residual, sinks);
+    let hidden = visible_from.saturating_sub(sinks);
+    let b = drop_block(p, head_dim);
+    let hidden = match p {
+        Precision::Full => hidden.min(tail),
+        Precision::Quant(_) => hidden.min(q),
+    };
+    hidden / b * b
+}
+
 /// The bytes a [`QuantizedCache`] with `config` holds when layer `l` holds `tokens[l]` tokens: packed codes,
 /// metadata and exact f32 elements (sinks and tail), per layer. This is the analytic formula the cache's
 /// [`KvCache::memory`] must equal.
 pub fn expected_memory(config: &QuantCacheConfig, shape: &CacheShape, tokens: &[usize]) -> MemoryReport {
     let (h, d) = (shape.n_kv_heads, shape.head_dim);
-    let side = |p: &Precision, t: usize| -> (usize, usize, usize) {
-        let (s, q, tail) = side_split(p, t, config.residual, config.sinks);
+    let side = |p: &Precision, t: usize, sinks: usize, from: usize| -> (usize, usize, usize) {
+        let (s, q, tail) = side_split(p, t, config.residual, sinks);
+        let gone = dropped_tokens(p, d, t, config.residual, sinks, from);
         match p.spec() {
-            None => (0, 0, t * h * d * EXACT_BYTES),
+            None => (0, 0, (t - gone) * h * d * EXACT_BYTES),
             Some(spec) => {
+                let q = q - gone;
                 let code = h * spec.bits.packed_bytes(q * d);
                 let meta = spec.bytes(q, h, d) - code;
                 (code, meta, (s + tail) * h * d * EXACT_BYTES)
@@ -140,9 +186,12 @@ pub fn expected_memory(config: &QuantCacheConfig, shape: &CacheShape, tokens: &[
         .layers
         .iter()
         .zip(tokens)
-        .map(|(l, &t)| {
-            let (kc, km, kf) = side(&l.k, t);
-            let (vc, vm, vf) = side(&l.v, t);
+        .enumerate()
+        .map(|(i, (l, &t))| {
+            let sinks = if l.k == Precision::Full && l.v == Precision::Full { 0 } else { config.sinks };
+            let from = if shape.window(i).is_some() { shape.window_start(i, t) } else { 0 };
+            let (kc, km, kf) = side(&l.k, t, sinks, from);
+            let (vc, vm, vf) = side(&l.v, t, sinks, from);
             LayerMemory {
                 k_code_bytes: kc,
                 k_meta_bytes: km,
@@ -166,14 +215,16 @@ impl QuantizedCache {
         config.validate(&shape)?;
         let (h, d) = (shape.n_kv_heads, shape.head_dim);
         let room = INITIAL_TOKENS.min(shape.max_seq_len);
-        let side = |p: &Precision| -> Result<Vec<HeadSide>> {
+        let side = |p: &Precision, sinks: usize| -> Result<Vec<HeadSide>> {
             (0..h)
                 .map(|_| {
                     Ok(HeadSide {
                         sink: Vec::with_capacity(config.sinks.min(shape.max_seq_len) * d),
                         packed: p.spec().map(|s| PackedStream::with_capacity(*s, d, room)).transpose()?,
+                        packed_base: 0,
                         tail: Vec::with_capacity((config.residual + INITIAL_TOKENS).min(shape.max_seq_len) * d),
                         dead: 0,
+                        tail_base: sinks,
                     })
                 })
                 .collect()
@@ -193,8 +244,8 @@ impl QuantizedCache {
                 let both_full = l.k == Precision::Full && l.v == Precision::Full;
                 let sinks = if both_full { 0 } else { config.sinks };
                 Ok(Layer {
-                    k: side(&l.k)?,
-                    v: side(&l.v)?,
+                    k: side(&l.k, sinks)?,
+                    v: side(&l.v, sinks)?,
                     tokens: 0,
                     sinks,
                     k_rot: rotations(&l.k, i, 0)?,
@@ -210,7 +261,8 @@ impl QuantizedCache {
         &self.config
     }
 
-    /// The packed stream of one side of one KV head (`None` for unquantized sides).
+    /// The packed stream of one side of one KV head as held (`None` for unquantized sides; for a sliding-window
+    /// layer, the tokens not yet freed).
     pub fn packed(&self, layer: usize, kv: Kv, head: usize) -> Option<PackedView<'_>> {
         self.layers.get(layer)?.side(kv).get(head)?.packed.as_ref().map(PackedStream::view)
     }
@@ -236,11 +288,6 @@ impl QuantizedCache {
     }
 
     fn append_impl(&mut self, layer: usize, k: &[f32], v: &[f32], attend: Option<(&[f32], &mut [f32])>) -> Result<()> {
-        if let Some(w) = self.shape.window(layer) {
-            if self.seq_len(layer) + k.len() / self.shape.kv_row() > w {
-                return Err(CacheError::WindowNotSupported { layer, window: w, cache: "quantized".into() });
-            }
-        }
         let shape = &self.shape;
         let n = k.len() / shape.kv_row();
         let residual = self.config.residual;
@@ -294,33 +341,52 @@ impl QuantizedCache {
             append_side(&mut l.v, v, t0, sinks, d, flush_v)?;
             let Some((q, out)) = attend else { return Ok(()) };
             let (kh, vh) = (&l.k, &l.v);
-            let heads_at = |i: usize| -> Vec<HeadKv<'_>> {
+            // Query `i` reads the cache as it was right after its own token, seen through its window.
+            let attend_at = |i: usize, qi: &[f32], oi: &mut [f32], serial: bool| -> Result<()> {
                 let t = t0 + i + 1;
-                kh.iter()
+                let lo = shape.window_start(layer, t - 1);
+                let plans: Vec<(SideRead, SideRead)> = kh
+                    .iter()
                     .zip(vh)
-                    .map(|(ks, vs)| {
-                        let ck = cut(&prec.k, t, qk0, ks.dead, residual, sinks, d);
-                        let cv = cut(&prec.v, t, qv0, vs.dead, residual, sinks, d);
-                        HeadKv {
-                            sink_k: &ks.sink[..ck.sinks * d],
-                            sink_v: &vs.sink[..cv.sinks * d],
-                            k: ks.packed.as_ref().map(|p| p.view().prefix(ck.packed)),
-                            v: vs.packed.as_ref().map(|p| p.view().prefix(cv.packed)),
-                            tail_k: &ks.tail[ck.tail],
-                            tail_v: &vs.tail[cv.tail],
-                        }
+                    .map(|(ks, vs)| plan((&prec.k, &prec.v), (ks, vs), t, lo, residual, sinks, d))
+                    .collect();
+                let scratch: Vec<(Vec<f32>, Vec<f32>)> = kh
+                    .iter()
+                    .zip(vh)
+                    .zip(&plans)
+                    .map(|((ks, vs), (pk, pv))| Ok((pk.lead(ks, d)?, pv.lead(vs, d)?)))
+                    .collect::<Result<_>>()?;
+                let heads: Vec<HeadKv<'_>> = kh
+                    .iter()
+                    .zip(vh)
+                    .zip(plans.iter().zip(&scratch))
+                    .map(|((ks, vs), ((pk, pv), (sk, sv)))| {
+                        Ok(HeadKv {
+                            sink_k: pk.exact_head(ks, sk, d),
+                            sink_v: pv.exact_head(vs, sv, d),
+                            k: pk.packed_view(ks)?,
+                            v: pv.packed_view(vs)?,
+                            tail_k: &ks.tail[pk.tail.clone()],
+                            tail_v: &vs.tail[pv.tail.clone()],
+                        })
                     })
-                    .collect()
+                    .collect::<Result<_>>()?;
+                let scale = shape.softmax_scale;
+                if serial {
+                    decode_attention_serial(qi, &heads, d, scale, oi)?;
+                } else {
+                    decode_attention(qi, &heads, d, scale, oi)?;
+                }
+                Ok(())
             };
-            let scale = shape.softmax_scale;
             if n == 1 {
-                decode_attention(q, &heads_at(0), d, scale, out)?;
+                attend_at(0, q, out, false)?;
             } else {
                 let row = shape.q_row();
                 q.par_chunks(row)
                     .zip(out.par_chunks_mut(row))
                     .enumerate()
-                    .try_for_each(|(i, (qi, oi))| decode_attention_serial(qi, &heads_at(i), d, scale, oi))?;
+                    .try_for_each(|(i, (qi, oi))| attend_at(i, qi, oi, true))?;
             }
             if let Some(r) = &l.v_rot {
                 rotate_rows(r, out, shape.n_q_heads, d, true);
@@ -335,12 +401,18 @@ impl QuantizedCache {
         l.tokens += n;
         retire(&mut l.k, d, flush_k);
         retire(&mut l.v, d, flush_v);
+        if shape.window(layer).is_some() {
+            let from = shape.window_start(layer, l.tokens);
+            slide(&mut l.k, &prec.k, l.tokens, residual, sinks, from, d)?;
+            slide(&mut l.v, &prec.v, l.tokens, residual, sinks, from, d)?;
+        }
         Ok(())
     }
 
-    /// One side of one KV head as attention sees it now, `[tokens][head_dim]`: sinks, then the dequantized packed
-    /// stream (reference dequantizer), then the tail; rotated sides are rotated back (reference transform), so this
-    /// is the history in the model's basis.
+    /// One side of one KV head as held now, `[tokens][head_dim]`: sinks, then the dequantized packed stream
+    /// (reference dequantizer), then the tail; rotated sides are rotated back (reference transform), so this is the
+    /// history in the model's basis. For a layer that does not slide this is what the next query sees; a
+    /// sliding-window layer may still hold up to a drop block of tokens before its window.
     pub fn materialize(&self, layer: usize, kv: Kv, head: usize) -> Result<Vec<f32>> {
         let (sink, tail) = self
             .exact_parts(layer, kv, head)
@@ -431,23 +503,150 @@ fn retire(heads: &mut [HeadSide], d: usize, flush: usize) {
         if s.dead > 0 && s.dead >= live {
             s.tail.copy_within(s.dead * d.., 0);
             s.tail.truncate(live * d);
+            s.tail_base += s.dead;
             s.dead = 0;
         }
     }
 }
 
-/// What one query of one side reads: packed prefix length and the tail slice range (in elements of `tail`).
-struct SideCut {
+/// Frees what no query after `tokens` tokens can see (it sees positions from `from` on) on one side of a
+/// sliding-window layer: whole aligned blocks from the front of the packed streams, or of an unquantized side's
+/// tail ([`dropped_tokens`] says how many).
+fn slide(
+    heads: &mut [HeadSide],
+    p: &Precision,
+    tokens: usize,
+    residual: usize,
     sinks: usize,
-    packed: usize,
+    from: usize,
+    d: usize,
+) -> Result<()> {
+    let gone = dropped_tokens(p, d, tokens, residual, sinks, from);
+    for s in heads {
+        match &mut s.packed {
+            Some(stream) => {
+                if gone > s.packed_base {
+                    stream.drop_front(gone - s.packed_base)?;
+                    s.packed_base = gone;
+                }
+            }
+            None => {
+                // The live tail starts at position `sinks + gone`.
+                let dead = (sinks + gone).saturating_sub(s.tail_base);
+                if dead > s.dead {
+                    let more = dead - s.dead;
+                    retire(std::slice::from_mut(s), d, more);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What one query reads of one side, from the packed stream and the tail as they are during its call (this call's
+/// flushed tokens still physically in the tail). In the kernel's order:
+/// - `sinks`: the visible sinks (token range of `sink`), or, for a sliding-window layer whose window starts past
+///   them, a `lead` read exact: the held stream tokens `lead_packed` dequantized, then the tail elements
+///   `lead_tail`. The lead runs from the window's start to the first cut point of both sides, so it has the same
+///   length for keys and values, as the kernel's exact leading part must;
+/// - `packed`: held stream tokens read packed, starting at a cut point;
+/// - `tail`: the visible rest of the tail, as a range of elements of `tail`.
+struct SideRead {
+    sinks: std::ops::Range<usize>,
+    lead_packed: std::ops::Range<usize>,
+    lead_tail: std::ops::Range<usize>,
+    packed: std::ops::Range<usize>,
     tail: std::ops::Range<usize>,
 }
 
-fn cut(p: &Precision, t: usize, t0_quant: usize, dead: usize, residual: usize, sinks: usize, d: usize) -> SideCut {
-    let (s, q, tail) = side_split(p, t, residual, sinks);
-    // The live tail (before this call's flush) starts at position sinks + t0_quant.
-    let start = dead + (s + q).saturating_sub(sinks + t0_quant);
-    SideCut { sinks: s, packed: q, tail: start * d..(start + tail) * d }
+/// The reads of one KV head's keys and values by the query that sees positions `lo..t` (`lo` = 0 unless the layer
+/// slides).
+#[allow(clippy::too_many_arguments)]
+fn plan(
+    prec: (&Precision, &Precision),
+    held: (&HeadSide, &HeadSide),
+    t: usize,
+    lo: usize,
+    residual: usize,
+    sinks: usize,
+    d: usize,
+) -> (SideRead, SideRead) {
+    // Stream token `i` is position `sinks + i` on both sides; `first` is where the window starts.
+    let first = lo.saturating_sub(sinks);
+    let sides = [(prec.0, held.0), (prec.1, held.1)];
+    let split = sides.map(|(p, _)| side_split(p, t, residual, sinks));
+    // The first stream token at or after `first` where both sides can be cut: a multiple of each side's
+    // alignment, or past its packed tokens. (The packed bases are multiples of the alignments.)
+    let fits = |c: usize| {
+        sides
+            .iter()
+            .zip(&split)
+            .all(|((p, _), &(_, q, _))| c >= q || p.spec().is_none_or(|spec| c.is_multiple_of(spec.token_align(d))))
+    };
+    let mut cut = first;
+    while !fits(cut) {
+        cut += 1;
+    }
+    let read = |(_, s): (&Precision, &HeadSide), (ns, q, _): (usize, usize, usize)| -> SideRead {
+        let pb = s.packed_base;
+        let tail_at = |from: usize, to: usize| {
+            if from >= to {
+                0..0
+            } else {
+                (from - s.tail_base) * d..(to - s.tail_base) * d
+            }
+        };
+        let tail_from = (ns + q).max(sinks + cut).min(t);
+        if first == 0 {
+            return SideRead {
+                sinks: lo.min(ns)..ns,
+                lead_packed: 0..0,
+                lead_tail: 0..0,
+                packed: 0..q - pb,
+                tail: tail_at(tail_from, t),
+            };
+        }
+        SideRead {
+            sinks: ns..ns,
+            lead_packed: first.min(q) - pb..cut.min(q) - pb,
+            lead_tail: tail_at(sinks + first.max(q), sinks + cut),
+            packed: cut.min(q) - pb..q - pb,
+            tail: tail_at(tail_from, t),
+        }
+    };
+    (read(sides[0], split[0]), read(sides[1], split[1]))
+}
+
+impl SideRead {
+    /// The lead (empty when there is none): its stream tokens dequantized, then its tail tokens.
+    fn lead(&self, s: &HeadSide, d: usize) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        if !self.lead_packed.is_empty() {
+            let stream = s.packed.as_ref().expect("only quantized sides have packed tokens");
+            // Dequantize from the cut point at or before the lead, then keep the lead.
+            let align = stream.spec().token_align(d);
+            let from = self.lead_packed.start / align * align;
+            let view = stream.view().try_prefix(self.lead_packed.end)?.try_suffix(from)?;
+            out = vec![0.0; view.tokens * d];
+            dequantize(&view, &mut out)?;
+            out.drain(..(self.lead_packed.start - from) * d);
+        }
+        out.extend_from_slice(&s.tail[self.lead_tail.clone()]);
+        Ok(out)
+    }
+
+    /// The exact leading part the kernel reads: the visible sinks, or the lead.
+    fn exact_head<'a>(&self, s: &'a HeadSide, lead: &'a [f32], d: usize) -> &'a [f32] {
+        if self.sinks.is_empty() {
+            lead
+        } else {
+            &s.sink[self.sinks.start * d..self.sinks.end * d]
+        }
+    }
+
+    fn packed_view<'a>(&self, s: &'a HeadSide) -> Result<Option<PackedView<'a>>> {
+        s.packed.as_ref().map(|p| Ok(p.view().try_prefix(self.packed.end)?.try_suffix(self.packed.start)?)).transpose()
+    }
 }
 
 impl KvCache for QuantizedCache {
@@ -500,6 +699,8 @@ impl KvCache for QuantizedCache {
                 s.sink.clear();
                 s.tail.clear();
                 s.dead = 0;
+                s.tail_base = l.sinks;
+                s.packed_base = 0;
                 if let Some(p) = &mut s.packed {
                     p.clear();
                 }

@@ -1,10 +1,10 @@
-//! Sliding-window layers (Gemma 3's local layers): a query sees only the last `w` positions, the full-precision
-//! caches hold at most the window plus one drop block, appends stay decode-faithful, and the quantized cache
-//! refuses to pass a window it cannot slide.
+//! Sliding-window layers (Gemma 3's local layers): a query sees only the last `w` positions, every cache holds at
+//! most the window (or its exact window) plus one drop block, and appends stay decode-faithful.
 
 use adaquant_cache::full::causal_attention_ref;
 use adaquant_cache::{
-    CacheError, CacheShape, FullDtype, FullPrecisionCache, KvCache, QuantCacheConfig, QuantizedCache,
+    CacheShape, FullDtype, FullPrecisionCache, Kv, KvCache, LayerPrecision, Precision, QuantCacheConfig,
+    QuantizedCache, Quantizer,
 };
 use adaquant_kernels::format::Bits;
 use rand::{Rng, SeedableRng};
@@ -104,22 +104,146 @@ fn a_window_changes_the_result_once_the_context_passes_it() {
     assert_ne!(a[37 * qr..], b[37 * qr..], "past the window the oldest tokens must drop out");
 }
 
+/// Quantized layouts that slide differently: per-token groups cut at any token, 1.58-bit codes only every five
+/// tokens of 32 channels, per-channel keys only at whole 16-token groups; rotated codebooks; an unquantized side
+/// beside a quantized one; sinks; exact windows shorter and longer than the sliding window.
+fn sliding_configs() -> Vec<(&'static str, QuantCacheConfig)> {
+    let lp = |k: Precision, v: Precision| LayerPrecision::new(k, v);
+    let rot = |p: Precision| match p {
+        Precision::Quant(s) => Precision::Quant(Quantizer::RotLloyd.apply(s)),
+        f => f,
+    };
+    vec![
+        (
+            "K4V2 r4",
+            QuantCacheConfig::uniform(3, lp(Precision::per_token(Bits::B4, 16), Precision::per_token(Bits::B2, 8)))
+                .with_residual(4),
+        ),
+        (
+            "K1.58V3 r3 s2",
+            QuantCacheConfig::uniform(3, lp(Precision::per_token(Bits::B1_58, 16), Precision::per_token(Bits::B3, 32)))
+                .with_residual(3)
+                .with_sinks(2),
+        ),
+        (
+            "kivi K2V4 r2 s3",
+            QuantCacheConfig::uniform(3, lp(Precision::per_channel(Bits::B2, 16), Precision::per_token(Bits::B4, 16)))
+                .with_residual(16)
+                .with_sinks(3),
+        ),
+        (
+            "rot-lloyd K3V2 r8",
+            QuantCacheConfig::uniform(
+                3,
+                lp(rot(Precision::per_token(Bits::B3, 32)), rot(Precision::per_token(Bits::B2, 16))),
+            )
+            .with_residual(8),
+        ),
+        (
+            "K-full V2 r5 s1",
+            QuantCacheConfig::uniform(3, lp(Precision::Full, Precision::per_token(Bits::B2, 16)))
+                .with_residual(5)
+                .with_sinks(1),
+        ),
+        (
+            "K4V4 r50",
+            QuantCacheConfig::uniform(3, lp(Precision::per_token(Bits::B4, 16), Precision::per_token(Bits::B4, 16)))
+                .with_residual(50),
+        ),
+        ("full", QuantCacheConfig::full(3)),
+    ]
+}
+
+/// Token-by-token, each output equals the reference attention over the query's window of the history a cache that
+/// does not slide holds at that moment (same tokens quantized at the same time); one call, token-by-token and
+/// chunked appends agree bit for bit; memory equals the formula and stays bounded by the window.
 #[test]
-fn quantized_cache_refuses_to_pass_a_window() {
+fn quantized_cache_slides_faithfully_with_bounded_memory() {
     let mut shape = shape();
-    shape.head_dim = 64;
-    let config = QuantCacheConfig::split(3, Bits::B4, Bits::B2).with_residual(16);
-    let mut cache = QuantizedCache::new(shape.clone(), config).unwrap();
-    let (q, k, v) = (rows(6, shape.q_row(), 1), rows(6, shape.kv_row(), 2), rows(6, shape.kv_row(), 3));
-    let mut out = vec![0.0; q.len()];
-    // Five tokens fit layer 2's window; the sixth does not.
-    let five = 5 * shape.kv_row();
-    cache.append_attend(2, &q[..5 * shape.q_row()], &k[..five], &v[..five], &mut out[..5 * shape.q_row()]).unwrap();
-    let e = cache
-        .append_attend(2, &q[5 * shape.q_row()..], &k[five..], &v[five..], &mut out[5 * shape.q_row()..])
-        .unwrap_err();
-    assert!(matches!(e, CacheError::WindowNotSupported { layer: 2, window: 5, .. }), "{e}");
-    let mut bad = shape.clone();
-    bad.windows = vec![Some(4)];
-    assert!(FullPrecisionCache::new(bad).is_err());
+    shape.head_dim = 32;
+    let (d, h) = (shape.head_dim, shape.n_kv_heads);
+    let n = 260;
+    for (name, config) in sliding_configs() {
+        for layer in 0..3 {
+            let seed = 100 + layer as u64;
+            let (q, k, v) =
+                (rows(n, shape.q_row(), seed), rows(n, shape.kv_row(), seed + 1), rows(n, shape.kv_row(), seed + 2));
+            let mut steps = QuantizedCache::new(shape.clone(), config.clone()).unwrap();
+            let mut plain_shape = shape.clone();
+            plain_shape.windows.clear();
+            let mut twin = QuantizedCache::new(plain_shape.clone(), config.clone()).unwrap();
+            let (qr, kr) = (shape.q_row(), shape.kv_row());
+            let mut outs = vec![0.0; q.len()];
+            let mut tokens = [0usize; 3];
+            let mut most_held = 0;
+            for p in 0..n {
+                let (qs, ks, vs) = (&q[p * qr..(p + 1) * qr], &k[p * kr..(p + 1) * kr], &v[p * kr..(p + 1) * kr]);
+                steps.append_attend(layer, qs, ks, vs, &mut outs[p * qr..(p + 1) * qr]).unwrap();
+                twin.append(layer, ks, vs).unwrap();
+                // The twin's history, in the model's basis, interleaved back to [t][heads][head_dim].
+                let hist = |kv: Kv| -> Vec<f32> {
+                    let per: Vec<Vec<f32>> = (0..h).map(|hd| twin.materialize(layer, kv, hd).unwrap()).collect();
+                    (0..=p)
+                        .flat_map(|t| (0..h).flat_map(|hd| per[hd][t * d..(t + 1) * d].to_vec()).collect::<Vec<_>>())
+                        .collect()
+                };
+                let (hk, hv) = (hist(Kv::K), hist(Kv::V));
+                let lo = shape.window_start(layer, p);
+                let mut want = vec![0.0; qr];
+                causal_attention_ref(&plain_shape, &hk[lo * kr..], &hv[lo * kr..], p - lo, qs, &mut want);
+                let got = &outs[p * qr..(p + 1) * qr];
+                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(
+                    worst < 2e-4,
+                    "{name} layer {layer} position {p}: max error {worst} against the windowed reference"
+                );
+                tokens[layer] = p + 1;
+                assert_eq!(
+                    steps.memory(),
+                    adaquant_cache::expected_memory(&config, &shape, &tokens),
+                    "{name} layer {layer} after {} tokens",
+                    p + 1
+                );
+                let held = (0..h)
+                    .map(|hd| {
+                        steps
+                            .materialize(layer, Kv::K, hd)
+                            .unwrap()
+                            .len()
+                            .max(steps.materialize(layer, Kv::V, hd).unwrap().len())
+                            / d
+                    })
+                    .max()
+                    .unwrap();
+                most_held = most_held.max(held);
+            }
+            match shape.window(layer) {
+                Some(w) => {
+                    // Sinks, the window or the exact tail (whichever is longer) with a partial per-channel group,
+                    // and less than one drop block (at most 80 tokens for 1.58-bit keys of 32 channels).
+                    let bound = config.sinks + w.max(config.residual + 16) + 80;
+                    assert!(most_held <= bound, "{name} layer {layer} held {most_held} tokens, bound {bound}");
+                    assert!(most_held < n, "{name} layer {layer} never dropped anything");
+                }
+                None => assert_eq!(most_held, n),
+            }
+            for chunks in [vec![n], vec![3, 70, 1, 1, 100, 64, 21], vec![37, 38, 5, 180]] {
+                let mut c = QuantizedCache::new(shape.clone(), config.clone()).unwrap();
+                let got = run(&mut c, layer, &q, &k, &v, &chunks);
+                assert_eq!(got, outs, "{name} layer {layer}: appends in chunks {chunks:?} differ from token by token");
+                assert_eq!(c.memory(), steps.memory(), "{name} layer {layer} chunks {chunks:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_window_of_zero_is_refused() {
+    let mut bad = shape();
+    bad.windows = vec![Some(4), None, Some(0)];
+    assert!(FullPrecisionCache::new(bad.clone()).is_err());
+    assert!(QuantizedCache::new(bad, QuantCacheConfig::split(3, Bits::B4, Bits::B2)).is_err());
+    let mut short = shape();
+    short.windows = vec![Some(4)];
+    assert!(FullPrecisionCache::new(short).is_err());
 }

@@ -394,6 +394,27 @@ impl QuantSpec {
         Ok(())
     }
 
+    /// The smallest positive number of tokens at which a stream of this spec can be cut from the front: a whole
+    /// number of groups (per-channel groups span tokens) whose codes end on a byte of the packed stream (1.58-bit
+    /// codes come five to a byte, so a 64-channel token does not end on one). [`crate::quant::PackedView::try_suffix`]
+    /// and [`crate::quant::PackedStream::drop_front`] cut at multiples of it.
+    pub fn token_align(&self, head_dim: usize) -> usize {
+        fn gcd(a: usize, b: usize) -> usize {
+            if b == 0 {
+                a
+            } else {
+                gcd(b, a % b)
+            }
+        }
+        let base = match self.axis {
+            GroupAxis::PerChannel => self.group.max(1),
+            GroupAxis::PerToken => 1,
+        };
+        let (unit, _) = self.bits.unit();
+        let elems = base * head_dim.max(1);
+        base * (unit / gcd(elems, unit))
+    }
+
     /// Number of groups (metadata entries) for `tokens` tokens of one head.
     /// For `PerChannel`, `tokens` must be a multiple of the group size.
     pub fn n_groups(&self, tokens: usize, head_dim: usize) -> usize {

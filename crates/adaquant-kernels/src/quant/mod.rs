@@ -103,6 +103,14 @@ impl MetaBuf {
         }
     }
 
+    /// Removes the first `n` entries (all of them when `n` exceeds the length).
+    pub fn drain_front(&mut self, n: usize) {
+        match self {
+            MetaBuf::F16(v) => drop(v.drain(..n.min(v.len()))),
+            MetaBuf::F32(v) => drop(v.drain(..n.min(v.len()))),
+        }
+    }
+
     /// A borrowed view of the entries.
     pub fn view(&self) -> MetaView<'_> {
         match self {
@@ -466,6 +474,36 @@ impl PackedStream {
         Ok(())
     }
 
+    /// Removes the first `tokens` tokens (codes and metadata), leaving the stream exactly as if it had been built by
+    /// pushing only the tokens after them: how a sliding-window cache frees history no query can see any more.
+    /// `tokens` must be a multiple of [`QuantSpec::token_align`] ([`Error::GroupDoesNotDivide`] otherwise, and the
+    /// stream is unchanged); more tokens than held empties the stream. Costs a copy of what stays.
+    pub fn drop_front(&mut self, tokens: usize) -> Result<()> {
+        let tokens = tokens.min(self.tokens);
+        if tokens == 0 {
+            return Ok(());
+        }
+        let d = self.head_dim;
+        let align = self.spec.token_align(d);
+        if !tokens.is_multiple_of(align) && tokens != self.tokens {
+            return Err(Error::GroupDoesNotDivide {
+                group: align,
+                len: tokens,
+                what: "tokens dropped from the front (a whole number of groups ending on a code byte)",
+                axis: self.spec.axis,
+            });
+        }
+        if tokens == self.tokens {
+            self.clear();
+            return Ok(());
+        }
+        self.codes.drain(..self.spec.bits.packed_bytes(tokens * d));
+        self.scales.drain_front(self.spec.n_groups(tokens, d));
+        self.mins.drain_front(self.spec.n_mins(tokens, d));
+        self.tokens -= tokens;
+        Ok(())
+    }
+
     /// Removes every token, keeping the allocations.
     pub fn clear(&mut self) {
         self.tokens = 0;
@@ -524,6 +562,42 @@ impl<'a> PackedView<'a> {
             codes: &self.codes[..self.spec.bits.packed_bytes(tokens * d)],
             scales: self.scales.slice(0, groups),
             mins: self.mins.slice(0, self.spec.n_mins(tokens, d)),
+            ..*self
+        })
+    }
+
+    /// The tokens from `start` on: the view a stream that had dropped its first `start` tokens would give.
+    /// `start` must be at most the view's tokens and a multiple of [`QuantSpec::token_align`] (or equal to the
+    /// view's tokens), so that the codes start on a byte and the metadata on a group.
+    pub fn try_suffix(&self, start: usize) -> Result<Self> {
+        if start > self.tokens {
+            return Err(Error::BadView {
+                what: "suffix start (at most the view's tokens)",
+                expected: self.tokens,
+                got: start,
+            });
+        }
+        let d = self.head_dim;
+        let align = self.spec.token_align(d);
+        if !start.is_multiple_of(align) && start != self.tokens {
+            return Err(Error::GroupDoesNotDivide {
+                group: align,
+                len: start,
+                what: "suffix start (a whole number of groups ending on a code byte)",
+                axis: self.spec.axis,
+            });
+        }
+        let (groups, mins) = (self.spec.n_groups(start, d), self.spec.n_mins(start, d));
+        let code_start = if start == self.tokens {
+            self.codes.len().min(self.spec.bits.packed_bytes(self.tokens * d))
+        } else {
+            self.spec.bits.packed_bytes(start * d)
+        };
+        Ok(PackedView {
+            tokens: self.tokens - start,
+            codes: &self.codes[code_start..],
+            scales: self.scales.slice(groups.min(self.scales.len()), self.scales.len() - groups.min(self.scales.len())),
+            mins: self.mins.slice(mins.min(self.mins.len()), self.mins.len() - mins.min(self.mins.len())),
             ..*self
         })
     }
@@ -614,6 +688,55 @@ pub fn quantize(spec: &QuantSpec, head_dim: usize, x: &[f32]) -> Result<PackedSt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dropping whole aligned blocks from the front leaves exactly the stream of the remaining tokens, and a suffix
+    /// view equals the view of that stream, for every width, both axes and codebook levels; unaligned cuts are errors.
+    #[test]
+    fn dropping_the_front_equals_pushing_only_the_rest() {
+        use crate::format::{Bits, Levels};
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for d in [64usize, 40] {
+            for bits in Bits::ALL {
+                for (axis, group) in [(GroupAxis::PerToken, 8), (GroupAxis::PerChannel, 4)] {
+                    for codebook in [false, true] {
+                        let mut spec = QuantSpec::new(bits, group, axis);
+                        if codebook {
+                            if bits > Bits::B4 {
+                                continue;
+                            }
+                            spec.levels = Levels::LloydMax;
+                        }
+                        let align = spec.token_align(d);
+                        assert!(align > 0 && (align * d).is_multiple_of(bits.unit().0));
+                        let t = 8 * align.max(4);
+                        let x: Vec<f32> = (0..t * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+                        let mut s = PackedStream::new(spec, d).unwrap();
+                        s.push(&x).unwrap();
+                        let what = format!("{bits} {axis:?} g{group} d{d} codebook {codebook}");
+                        for cut in [align, 3 * align] {
+                            let mut rest = PackedStream::new(spec, d).unwrap();
+                            rest.push(&x[cut * d..]).unwrap();
+                            assert_eq!(s.view().try_suffix(cut).unwrap(), rest.view(), "{what} suffix {cut}");
+                            let mut dropped = s.clone();
+                            dropped.drop_front(cut).unwrap();
+                            assert_eq!(dropped, rest, "{what} drop {cut}");
+                            assert_eq!(dropped.bytes(), spec.bytes(t - cut, 1, d), "{what}");
+                        }
+                        let all = s.view().try_suffix(t).unwrap();
+                        assert_eq!((all.tokens, all.codes.len(), all.scales.len()), (0, 0, 0), "{what}");
+                        if align > 1 {
+                            assert!(s.view().try_suffix(align + 1).is_err(), "{what}");
+                            let before = s.clone();
+                            assert!(s.drop_front(align + 1).is_err(), "{what}");
+                            assert_eq!(s, before, "{what}: a refused drop changes nothing");
+                        }
+                        assert!(s.view().try_suffix(t + 1).is_err());
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn quantize_value_rounds_like_f32_round() {
