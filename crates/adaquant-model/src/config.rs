@@ -261,9 +261,16 @@ impl ModelConfig {
         Ok(config)
     }
 
-    /// The cache shape of this configuration for contexts of up to `max_seq_len` tokens.
+    /// The cache shape of this configuration for contexts of up to `max_seq_len` tokens: heads, softmax scale
+    /// and the sliding windows of local layers, exactly what [`crate::Model::forward`] requires of a cache.
     pub fn cache_shape(&self, max_seq_len: usize) -> adaquant_cache::CacheShape {
-        adaquant_cache::CacheShape::new(self.n_layers, self.n_q_heads, self.n_kv_heads, self.head_dim, max_seq_len)
+        let mut shape =
+            adaquant_cache::CacheShape::new(self.n_layers, self.n_q_heads, self.n_kv_heads, self.head_dim, max_seq_len);
+        shape.softmax_scale = self.attn_scale;
+        if self.local_layers.iter().any(|&l| l) {
+            shape.windows = (0..self.n_layers).map(|l| self.layer_window(l)).collect();
+        }
+        shape
     }
 
     /// The configuration stored in a GGUF header.

@@ -654,13 +654,7 @@ impl Model {
 
     /// The cache shape of this model for contexts of up to `max_seq_len` tokens.
     pub fn cache_shape(&self, max_seq_len: usize) -> CacheShape {
-        let c = &self.config;
-        let mut shape = CacheShape::new(c.n_layers, c.n_q_heads, c.n_kv_heads, c.head_dim, max_seq_len);
-        shape.softmax_scale = c.attn_scale;
-        if c.local_layers.iter().any(|&l| l) {
-            shape.windows = (0..c.n_layers).map(|l| c.layer_window(l)).collect();
-        }
-        shape
+        self.config.cache_shape(max_seq_len)
     }
 
     /// The RoPE inverse frequencies of `layer` (f64, `head_dim / 2` of them).

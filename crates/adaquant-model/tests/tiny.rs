@@ -321,6 +321,9 @@ fn gemma3_sliding_window_matters_and_quantized_caches_slide_too() {
     let m = Model::load(&dir("gemma3")).unwrap();
     let r = reference("gemma3");
     assert!(r.prompt.len() > 16 + 16, "the reference prompt must pass the 16-token window by more than a group");
+    // The shape read from the configuration alone (what the CLI checks before loading weights) is the model's.
+    let from_config = adaquant_model::ModelConfig::read(&dir("gemma3")).unwrap().cache_shape(64);
+    assert_eq!(from_config, m.cache_shape(64));
     // A cache built without the windows (every layer global) is refused rather than attending too far back.
     let mut shape = m.cache_shape(64);
     assert_eq!(shape.windows, [Some(16), Some(16), Some(16), Some(16), Some(16), None]);
