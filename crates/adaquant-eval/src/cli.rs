@@ -14,8 +14,8 @@ use crate::progress::Progress;
 use crate::report::{markdown_table, write_report};
 use crate::results::merge_dirs;
 use crate::sweep::{
-    git_revision, parse_side_bits, run_sweep, run_tasks, sha256_file, validate_points, PointSpec, PolicySpec,
-    SensSource, Shard, SweepPlan, TaskData, TaskSelection,
+    git_revision, parse_pin, parse_side_bits, run_sweep, run_tasks, sha256_file, validate_points, PointSpec,
+    PolicySpec, SensSource, Shard, SweepPlan, TaskData, TaskSelection,
 };
 use crate::tasks::PasskeySpec;
 
@@ -59,6 +59,9 @@ Examples:
       layouts: every combination of the listed groups, key layouts and exact windows
   adaquant sweep --budget 3,4 --sensitivity weight_fro,kl
       layer-wise budget allocations from weight norms and from measured per-layer KL
+  adaquant sweep --budget 3 --sensitivity weight_bias,outlier --pin 0:8,-1:8
+      budgets from weight norms with key biases and from measured group ranges (outliers), first and last
+      layer held at 8 bits
   adaquant sweep --k-bits 2,4 --v-bits 2,4 --dry-run
       list the points and check each against the model's shape; computes nothing
   adaquant sweep --k-bits 2,4,8 --v-bits 2,4,8 --shard 0/4 --out results/grid
@@ -164,13 +167,18 @@ pub struct SweepArgs {
     /// Average bits per element of layer-wise budget allocations (the budget solver over per-layer sensitivities).
     #[arg(long, value_delimiter = ',', default_value = "4")]
     pub budget: Vec<f64>,
-    /// Sensitivities of the budget solver: weight_fro, weight_spec (computed from the model's W_K/W_V), kl
-    /// (measured per layer), or sensitivities .json files written by `adaquant analyze`.
+    /// Sensitivities of the budget solver: weight_fro, weight_spec, weight_bias (computed from the model's
+    /// W_K/W_V, weight_bias with their biases), kl (measured per layer), outlier (group ranges of K/V measured on
+    /// the first window), or sensitivities .json files written by `adaquant analyze`.
     #[arg(long, value_delimiter = ',', default_value = "weight_fro")]
     pub sensitivity: Vec<String>,
     /// Run no budget points.
     #[arg(long)]
     pub no_budget: bool,
+    /// Layers whose keys and values every budget point holds at a width, LAYER:BITS (a negative layer counts from
+    /// the end), e.g. `--pin 0:8,-1:8` for the first and last layer at 8 bits; the solver spreads what is left.
+    #[arg(long, value_delimiter = ',')]
+    pub pin: Vec<String>,
     /// HellaSwag accuracy on the first N items at every point (0 = all 10,042).
     #[arg(long)]
     pub hellaswag: Option<usize>,
@@ -227,7 +235,11 @@ fn parse_points(a: &SweepArgs) -> anyhow::Result<Vec<PointSpec>> {
     if !a.no_budget {
         for &b in &a.budget {
             for s in &a.sensitivity {
-                policies.push(PolicySpec::Budget { avg_bits: b, sensitivity: s.parse::<SensSource>()? });
+                policies.push(PolicySpec::Budget {
+                    avg_bits: b,
+                    sensitivity: s.parse::<SensSource>()?,
+                    pinned: a.pin.iter().map(|p| parse_pin(p)).collect::<Result<_, _>>()?,
+                });
             }
         }
     }

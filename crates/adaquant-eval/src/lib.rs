@@ -28,6 +28,7 @@ pub mod lm;
 pub mod metrics;
 pub mod model_lm;
 pub mod progress;
+pub mod ranges;
 pub mod report;
 pub mod results;
 pub mod sweep;

@@ -45,6 +45,9 @@ pub trait LanguageModel: Sync {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightNorm {
     Frobenius,
+    /// `sqrt(||W||_F^2 + ||b||^2)`: the weights' Frobenius norm with the bias vector's (the RMS output norm for
+    /// unit-variance inputs).
+    FrobeniusWithBias,
     /// The largest singular value.
     Spectral,
 }
@@ -226,11 +229,15 @@ impl LanguageModel for ToyLm {
 
     fn kv_weight_norms(&self, kind: WeightNorm) -> Option<Result<(Vec<f64>, Vec<f64>)>> {
         let (d, kv) = (self.d_model, self.n_kv_heads * self.head_dim);
-        let norm = |w: &[f32]| match kind {
+        let norm = |w: &[f32], b: &[f32]| match kind {
             WeightNorm::Frobenius => frobenius(w),
+            WeightNorm::FrobeniusWithBias => frobenius(w).hypot(frobenius(b)),
             WeightNorm::Spectral => spectral_norm_power(w, d, kv, 200),
         };
-        Some(Ok((self.layers.iter().map(|l| norm(&l.wk)).collect(), self.layers.iter().map(|l| norm(&l.wv)).collect())))
+        Some(Ok((
+            self.layers.iter().map(|l| norm(&l.wk, &l.k_bias)).collect(),
+            self.layers.iter().map(|l| norm(&l.wv, &[])).collect(),
+        )))
     }
 }
 

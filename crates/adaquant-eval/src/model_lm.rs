@@ -57,9 +57,10 @@ impl LanguageModel for Model {
     }
 
     fn kv_weight_norms(&self, kind: WeightNorm) -> Option<Result<(Vec<f64>, Vec<f64>)>> {
-        let norm = |w: &[f32], rows: usize, cols: usize, what: &str| -> Result<f64> {
+        let norm = |w: &[f32], b: Option<&[f32]>, rows: usize, cols: usize, what: &str| -> Result<f64> {
             match kind {
                 WeightNorm::Frobenius => Ok(frobenius(w)),
+                WeightNorm::FrobeniusWithBias => Ok(frobenius(w).hypot(b.map_or(0.0, frobenius))),
                 WeightNorm::Spectral => singular_values(View::new(w, rows, cols), what)
                     .map(|s| s.first().copied().unwrap_or(0.0))
                     .map_err(model_err),
@@ -70,8 +71,8 @@ impl LanguageModel for Model {
             for l in 0..self.config.n_layers {
                 let w = self.layer_weights(l);
                 let rows = w.n_kv_heads * w.head_dim;
-                k.push(norm(w.wk, rows, w.hidden, "W_K")?);
-                v.push(norm(w.wv, rows, w.hidden, "W_V")?);
+                k.push(norm(w.wk, w.bk, rows, w.hidden, "W_K")?);
+                v.push(norm(w.wv, w.bv, rows, w.hidden, "W_V")?);
             }
             Ok((k, v))
         };

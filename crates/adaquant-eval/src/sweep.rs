@@ -58,6 +58,14 @@ pub enum SensSource {
     File(PathBuf),
     /// Measured: KL divergence when only one layer's keys (or values) are quantized to 2 bits.
     Kl,
+    /// Frobenius norms of W_K and W_V with their biases, `sqrt(||W||_F^2 + ||b||^2)`: the RMS key (value) norm
+    /// that unit-variance inputs give, so a large key bias (Qwen2's first and last layers) counts; equal to
+    /// `weight_fro` for models without biases.
+    WeightBias,
+    /// Measured outlier size: on the first window, `sqrt(sum over groups of G * R^2 / 12)` of the layer's keys
+    /// (values), `R` being a group's range (max - min) in this point's layout. Outliers set `R`, and this is
+    /// the min-max error model's `s`, so the solver predicts the error of each width from the measured ranges.
+    Outlier,
 }
 
 impl SensSource {
@@ -67,6 +75,8 @@ impl SensSource {
             SensSource::WeightFro => "weight_fro".into(),
             SensSource::WeightSpec => "weight_spec".into(),
             SensSource::Kl => "kl".into(),
+            SensSource::WeightBias => "weight_bias".into(),
+            SensSource::Outlier => "outlier".into(),
             SensSource::File(p) => {
                 let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("file");
                 let parent = p.parent().and_then(|d| d.file_name()).and_then(|s| s.to_str()).unwrap_or("");
@@ -87,10 +97,13 @@ impl FromStr for SensSource {
             "weight_fro" | "fro" => SensSource::WeightFro,
             "weight_spec" | "spec" => SensSource::WeightSpec,
             "kl" => SensSource::Kl,
+            "weight_bias" | "bias" => SensSource::WeightBias,
+            "outlier" => SensSource::Outlier,
             p if p.ends_with(".json") => SensSource::File(PathBuf::from(p)),
             other => {
                 return Err(EvalError::BadRequest(format!(
-                    "sensitivity '{other}': use weight_fro, weight_spec, kl, or a sensitivities .json file from `adaquant analyze`"
+                    "sensitivity '{other}': use weight_fro, weight_spec, weight_bias, kl, outlier, or a sensitivities \
+                     .json file from `adaquant analyze`"
                 )))
             }
         })
@@ -104,8 +117,43 @@ pub enum PolicySpec {
     Full,
     /// The same key and value widths on every layer.
     Fixed { k: SideBits, v: SideBits },
-    /// The budget solver over per-layer sensitivities, at `avg_bits` bits per element on average.
-    Budget { avg_bits: f64, sensitivity: SensSource },
+    /// The budget solver over per-layer sensitivities, at `avg_bits` bits per element on average, with `pinned`
+    /// layers' keys and values held at a width (a negative layer counts from the end: -1 is the last).
+    Budget {
+        avg_bits: f64,
+        sensitivity: SensSource,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pinned: Vec<(i64, Bits)>,
+    },
+}
+
+/// `0:8,-1:8` for pins, as `--pin` takes them.
+pub fn pins_name(pinned: &[(i64, Bits)]) -> String {
+    pinned.iter().map(|(l, b)| format!("{l}:{}", b.name())).collect::<Vec<_>>().join(",")
+}
+
+/// Parses `--pin` entries (`LAYER:BITS`, a negative layer counting from the end).
+pub fn parse_pin(s: &str) -> Result<(i64, Bits)> {
+    let bad = || EvalError::BadRequest(format!("pin '{s}': write LAYER:BITS, e.g. 0:8 or -1:8 for the last layer"));
+    let (l, b) = s.trim().split_once(':').ok_or_else(bad)?;
+    let layer = l.trim().parse::<i64>().map_err(|_| bad())?;
+    let bits = b
+        .trim()
+        .parse::<f64>()
+        .map_err(|_| bad())
+        .and_then(|x| Bits::from_f64(x).map_err(|e| EvalError::BadRequest(format!("pin '{s}': {e}"))))?;
+    Ok((layer, bits))
+}
+
+/// The layer a pin names in a model of `n_layers` layers, or why it names none.
+fn pin_layer(layer: i64, n_layers: usize) -> std::result::Result<usize, String> {
+    let n = n_layers as i64;
+    let l = if layer < 0 { n + layer } else { layer };
+    if (0..n).contains(&l) {
+        Ok(l as usize)
+    } else {
+        Err(format!("pinned layer {layer} does not exist (the model has {n_layers} layers: 0..{} or -1..-{n})", n - 1))
+    }
 }
 
 /// One sweep point: a policy and the quantization layout shared by its quantized layers.
@@ -136,7 +184,12 @@ impl PointSpec {
         let base = match &self.policy {
             PolicySpec::Full => return "full".into(),
             PolicySpec::Fixed { k, v } => format!("K{}V{}", side_name(*k), side_name(*v)),
-            PolicySpec::Budget { avg_bits, sensitivity } => format!("budget{avg_bits} {}", sensitivity.name()),
+            PolicySpec::Budget { avg_bits, sensitivity, pinned } if pinned.is_empty() => {
+                format!("budget{avg_bits} {}", sensitivity.name())
+            }
+            PolicySpec::Budget { avg_bits, sensitivity, pinned } => {
+                format!("budget{avg_bits} {} pin{}", sensitivity.name(), pins_name(pinned))
+            }
         };
         match self.quantizer {
             Quantizer::MinMax => base,
@@ -167,8 +220,11 @@ impl PointSpec {
         match &self.policy {
             PolicySpec::Full => "full".into(),
             PolicySpec::Fixed { k, v } => format!("fixed|K{}|V{}|{layout}", side_name(*k), side_name(*v)),
-            PolicySpec::Budget { avg_bits, sensitivity } => {
+            PolicySpec::Budget { avg_bits, sensitivity, pinned } if pinned.is_empty() => {
                 format!("budget|{avg_bits}|{}|{layout}", sensitivity.name())
+            }
+            PolicySpec::Budget { avg_bits, sensitivity, pinned } => {
+                format!("budget|{avg_bits}|{}|pin{}|{layout}", sensitivity.name(), pins_name(pinned))
             }
         }
     }
@@ -229,6 +285,13 @@ impl PointSpec {
         if let Some(config) = self.layout_config(shape.n_layers) {
             if let Err(e) = config.validate(shape) {
                 return Some(e.to_string());
+            }
+        }
+        if let PolicySpec::Budget { pinned, .. } = &self.policy {
+            for &(l, _) in pinned {
+                if let Err(why) = pin_layer(l, shape.n_layers) {
+                    return Some(why);
+                }
             }
         }
         if let PolicySpec::Budget { sensitivity: SensSource::File(p), .. } = &self.policy {
@@ -585,6 +648,22 @@ pub fn measure_kl_sensitivities(
     Ok(Sensitivities::new(k, v)?)
 }
 
+/// Measured outlier sensitivities ([`SensSource::Outlier`]): one full-precision forward over `window`, recording
+/// the group ranges of every key and value the model appends, in this point's layout.
+pub fn measure_outlier_sensitivities(
+    lm: &dyn LanguageModel,
+    point: &PointSpec,
+    window: &[u32],
+    max_seq: usize,
+) -> Result<Sensitivities> {
+    let shape = lm.cache_shape(max_seq);
+    let inner = CacheSpec::FullF32.build(shape.clone())?;
+    let mut rec = crate::ranges::RangeRecorder::new(inner, point.group, point.k_axis, point.v_axis);
+    lm.forward(window, &mut rec, window.len().saturating_sub(1))?;
+    let (k, v) = rec.sensitivities();
+    Ok(Sensitivities::new(k, v)?)
+}
+
 /// Resolves a point to per-layer precisions (`None` for full precision).
 pub fn resolve_layers(
     lm: &dyn LanguageModel,
@@ -597,18 +676,18 @@ pub fn resolve_layers(
     let n_layers = lm.cache_shape(max_seq).n_layers;
     match &point.policy {
         PolicySpec::Full | PolicySpec::Fixed { .. } => Ok(point.layers_fixed(n_layers)),
-        PolicySpec::Budget { avg_bits, sensitivity } => {
+        PolicySpec::Budget { avg_bits, sensitivity, pinned } => {
             // Sensitivities depend on the layout, not on the budget: budgets of one layout share a measurement.
             let name = format!("{}|{}", sensitivity.name(), point.layout_key());
             let sens = match sens_cache.get(&name) {
                 Some(s) => s.clone(),
                 None => {
                     let s = match sensitivity {
-                        SensSource::WeightFro | SensSource::WeightSpec => {
-                            let kind = if *sensitivity == SensSource::WeightFro {
-                                WeightNorm::Frobenius
-                            } else {
-                                WeightNorm::Spectral
+                        SensSource::WeightFro | SensSource::WeightSpec | SensSource::WeightBias => {
+                            let kind = match sensitivity {
+                                SensSource::WeightFro => WeightNorm::Frobenius,
+                                SensSource::WeightBias => WeightNorm::FrobeniusWithBias,
+                                _ => WeightNorm::Spectral,
                             };
                             let (k, v) = lm.kv_weight_norms(kind).ok_or_else(|| {
                                 EvalError::BadRequest(
@@ -619,6 +698,7 @@ pub fn resolve_layers(
                         }
                         SensSource::File(p) => load_sensitivities(p)?,
                         SensSource::Kl => measure_kl_sensitivities(lm, point, windows, reference, max_seq)?,
+                        SensSource::Outlier => measure_outlier_sensitivities(lm, point, windows[0], max_seq)?,
                     };
                     sens_cache.insert(name, s.clone());
                     s
@@ -630,7 +710,11 @@ pub fn resolve_layers(
                     sens.n_layers()
                 )));
             }
-            let alloc = BitBudget::new(*avg_bits).solve(&sens)?;
+            let mut budget = BitBudget::new(*avg_bits);
+            for &(l, b) in pinned {
+                budget = budget.pin(pin_layer(l, n_layers).map_err(EvalError::BadRequest)?, b);
+            }
+            let alloc = budget.solve(&sens)?;
             Ok(Some(alloc.layers(point.quant_spec(Bits::B4, point.k_axis), point.quant_spec(Bits::B4, point.v_axis))))
         }
     }
@@ -858,7 +942,7 @@ pub fn run_sweep(lm: &dyn LanguageModel, tokens: &[u32], plan: &SweepPlan) -> Re
         };
         let packed_bits = layers.as_ref().map_or(16.0, |ls| packed_bits(ls, shape.head_dim));
         let (budget, sensitivity) = match &point.policy {
-            PolicySpec::Budget { avg_bits, sensitivity } => (Some(*avg_bits), Some(sensitivity.name())),
+            PolicySpec::Budget { avg_bits, sensitivity, .. } => (Some(*avg_bits), Some(sensitivity.name())),
             _ => (None, None),
         };
         let full = point.policy == PolicySpec::Full;
@@ -943,7 +1027,7 @@ mod tests {
         let reference = build_reference(&lm, fp.as_mut(), &windows, &text, &mut |_| {}).unwrap();
         let mut sens = BTreeMap::new();
         let point = |avg_bits, residual| PointSpec {
-            policy: PolicySpec::Budget { avg_bits, sensitivity: SensSource::Kl },
+            policy: PolicySpec::Budget { avg_bits, sensitivity: SensSource::Kl, pinned: vec![] },
             group: 16,
             k_axis: GroupAxis::PerToken,
             v_axis: GroupAxis::PerToken,
@@ -959,6 +1043,63 @@ mod tests {
         assert_eq!(sens.len(), 1, "one measurement for three budgets of one layout");
         resolve_layers(&lm, &point(4.0, 8), &windows, &reference, 32, &mut sens).unwrap();
         assert_eq!(sens.len(), 2, "another exact window is another layout");
+    }
+
+    /// Pins hold their layers at the width and count against the budget; a pin past the last layer is refused
+    /// before any work. The bias and outlier sources see what they measure: the toy model's key bias raises every
+    /// key sensitivity over `weight_fro` and leaves values alone, and an outlier source is the group-range energy
+    /// of a plain forward.
+    #[test]
+    fn pins_and_the_bias_and_outlier_sources() {
+        use crate::lm::ToyLm;
+        use crate::metrics::{build_reference, TextEvalSpec};
+        let lm = ToyLm::new(11, 64, 4, 4, 2, 16);
+        let tokens: Vec<u32> = (0..96u32).map(|i| (i * 5 + 1) % 60).collect();
+        let text = TextEvalSpec { ctx: 32, windows: 2, topk: 0 };
+        let windows = text.windows(&tokens).unwrap();
+        let mut fp = CacheSpec::FullF32.build(lm.cache_shape(32)).unwrap();
+        let reference = build_reference(&lm, fp.as_mut(), &windows, &text, &mut |_| {}).unwrap();
+        let shape = lm.cache_shape(32);
+        let n = shape.n_layers;
+        let point = |sensitivity, pinned| PointSpec {
+            policy: PolicySpec::Budget { avg_bits: 3.0, sensitivity, pinned },
+            group: 16,
+            k_axis: GroupAxis::PerToken,
+            v_axis: GroupAxis::PerToken,
+            residual: 0,
+            sinks: 0,
+            quantizer: Quantizer::MinMax,
+        };
+        let mut sens = BTreeMap::new();
+        let pinned = point(SensSource::WeightFro, vec![(0, Bits::B8), (-1, Bits::B1)]);
+        assert!(pinned.check(&shape).is_none());
+        let layers = resolve_layers(&lm, &pinned, &windows, &reference, 32, &mut sens).unwrap().unwrap();
+        let bits = |p: &Precision| p.spec().unwrap().bits;
+        assert_eq!((bits(&layers[0].k), bits(&layers[0].v)), (Bits::B8, Bits::B8));
+        assert_eq!((bits(&layers[n - 1].k), bits(&layers[n - 1].v)), (Bits::B1, Bits::B1));
+        let far = point(SensSource::WeightFro, vec![(-(n as i64) - 1, Bits::B8)]);
+        assert!(far.check(&shape).unwrap().contains("does not exist"), "{:?}", far.check(&shape));
+        assert!(validate_points(&[far], &shape).is_err());
+
+        let norms = |kind| lm.kv_weight_norms(kind).unwrap().unwrap();
+        let (fk, fv) = norms(WeightNorm::Frobenius);
+        let (bk, bv) = norms(WeightNorm::FrobeniusWithBias);
+        assert!(fk.iter().zip(&bk).all(|(f, b)| b > f), "{fk:?} {bk:?}");
+        assert_eq!(fv, bv);
+
+        let got = measure_outlier_sensitivities(&lm, &point(SensSource::Outlier, vec![]), windows[0], 32).unwrap();
+        let mut rec = crate::ranges::RangeRecorder::new(
+            CacheSpec::FullF32.build(shape.clone()).unwrap(),
+            16,
+            GroupAxis::PerToken,
+            GroupAxis::PerToken,
+        );
+        lm.forward(windows[0], &mut rec, 0).unwrap();
+        let (k, v) = rec.sensitivities();
+        assert_eq!(got, Sensitivities::new(k.clone(), v).unwrap());
+        assert!(k.iter().all(|&x| x > 0.0));
+        let solved = resolve_layers(&lm, &point(SensSource::Outlier, vec![]), &windows, &reference, 32, &mut sens);
+        assert_eq!(solved.unwrap().unwrap().len(), n);
     }
 
     #[test]
@@ -1025,9 +1166,25 @@ mod tests {
         let mut q = p.clone();
         q.k_axis = GroupAxis::PerToken;
         assert_ne!(p.config_key(), q.config_key());
-        let b =
-            PointSpec { policy: PolicySpec::Budget { avg_bits: 4.0, sensitivity: SensSource::WeightFro }, ..p.clone() };
+        let b = PointSpec {
+            policy: PolicySpec::Budget { avg_bits: 4.0, sensitivity: SensSource::WeightFro, pinned: vec![] },
+            ..p.clone()
+        };
         assert_eq!(b.name(), "budget4 weight_fro");
+        let pinned = PointSpec {
+            policy: PolicySpec::Budget {
+                avg_bits: 4.0,
+                sensitivity: SensSource::WeightFro,
+                pinned: vec![parse_pin("0:8").unwrap(), parse_pin("-1:8").unwrap()],
+            },
+            ..b.clone()
+        };
+        assert_eq!(pinned.name(), "budget4 weight_fro pin0:8,-1:8");
+        assert_ne!(pinned.config_key(), b.config_key());
+        assert!(b.config_key().ends_with(&b.layout_key()) && !b.config_key().contains("pin"));
+        for bad in ["8", "x:8", "0:7", "0:"] {
+            assert!(parse_pin(bad).is_err(), "{bad}");
+        }
         assert_eq!(parse_side_bits("16").unwrap(), None);
         assert_eq!(parse_side_bits("1.58").unwrap(), Some(Bits::B1_58));
         assert!(parse_side_bits("7").is_err());
@@ -1058,7 +1215,7 @@ mod tests {
             points: vec![
                 point(PolicySpec::Full),
                 point(PolicySpec::Fixed { k: Some(Bits::B4), v: Some(Bits::B2) }),
-                point(PolicySpec::Budget { avg_bits: 4.0, sensitivity: SensSource::File(sens) }),
+                point(PolicySpec::Budget { avg_bits: 4.0, sensitivity: SensSource::File(sens), pinned: vec![] }),
             ],
             text: TextEvalSpec { ctx: 512, windows: 8, topk: 256 },
             tasks: TaskSelection {

@@ -60,7 +60,11 @@ fn a_grid_with_invalid_points_is_refused_whole_before_any_work() {
         // Per-channel groups of 8 tokens do not divide an exact window of 12 (the kivi r100).
         point(k4v2(), 8, GroupAxis::PerChannel, 12),
         point(
-            PolicySpec::Budget { avg_bits: 3.0, sensitivity: SensSource::File("/nonexistent/sens.json".into()) },
+            PolicySpec::Budget {
+                avg_bits: 3.0,
+                sensitivity: SensSource::File("/nonexistent/sens.json".into()),
+                pinned: vec![],
+            },
             16,
             GroupAxis::PerToken,
             8,

@@ -36,7 +36,7 @@ fn plan(out: PathBuf, shard: Option<Shard>) -> SweepPlan {
             point(PolicySpec::Fixed { k: Some(Bits::B4), v: Some(Bits::B2) }),
             point(PolicySpec::Fixed { k: Some(Bits::B2), v: Some(Bits::B4) }),
             point(PolicySpec::Fixed { k: None, v: Some(Bits::B1_58) }),
-            point(PolicySpec::Budget { avg_bits: 3.0, sensitivity: SensSource::WeightFro }),
+            point(PolicySpec::Budget { avg_bits: 3.0, sensitivity: SensSource::WeightFro, pinned: vec![] }),
         ],
         text: TextEvalSpec { ctx: 32, windows: 3, topk: 8 },
         tasks: TaskSelection::default(),
