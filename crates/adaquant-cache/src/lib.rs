@@ -137,7 +137,8 @@ pub struct LayerMemory {
     pub v_code_bytes: usize,
     pub v_meta_bytes: usize,
     pub v_full_bytes: usize,
-    /// Tokens held by this layer.
+    /// Tokens held by this layer (a sliding-window layer frees its oldest ones; where keys and values free
+    /// different amounts, the larger count).
     pub tokens: usize,
 }
 
@@ -157,7 +158,7 @@ impl LayerMemory {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MemoryReport {
     pub layers: Vec<LayerMemory>,
-    /// Elements of K and V held (tokens x kv_heads x head_dim x 2, summed over layers).
+    /// Elements of K and V held (tokens x kv_heads x head_dim, keys and values each, summed over layers).
     pub elements: usize,
 }
 

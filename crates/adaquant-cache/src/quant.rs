@@ -62,6 +62,9 @@ struct HeadSide {
     /// Tokens dropped from the front of `packed` (a sliding-window layer): it holds stream tokens
     /// `packed_base..`, stream token `i` being position `sinks + i`.
     packed_base: usize,
+    /// Tokens of this side freed by a sliding window: `packed_base` for a quantized side, tail tokens for an
+    /// unquantized one.
+    dropped: usize,
     /// `[dead + live][head_dim]`; the first `dead` tokens were flushed into `packed` (or, for an unquantized side of
     /// a sliding-window layer, dropped) and are no longer held.
     tail: Vec<f32>,
@@ -169,20 +172,21 @@ pub fn dropped_tokens(
 /// [`KvCache::memory`] must equal.
 pub fn expected_memory(config: &QuantCacheConfig, shape: &CacheShape, tokens: &[usize]) -> MemoryReport {
     let (h, d) = (shape.n_kv_heads, shape.head_dim);
-    let side = |p: &Precision, t: usize, sinks: usize, from: usize| -> (usize, usize, usize) {
+    // (code, metadata, exact bytes, tokens held) of one side.
+    let side = |p: &Precision, t: usize, sinks: usize, from: usize| -> (usize, usize, usize, usize) {
         let (s, q, tail) = side_split(p, t, config.residual, sinks);
         let gone = dropped_tokens(p, d, t, config.residual, sinks, from);
         match p.spec() {
-            None => (0, 0, (t - gone) * h * d * EXACT_BYTES),
+            None => (0, 0, (t - gone) * h * d * EXACT_BYTES, t - gone),
             Some(spec) => {
                 let q = q - gone;
                 let code = h * spec.bits.packed_bytes(q * d);
                 let meta = spec.bytes(q, h, d) - code;
-                (code, meta, (s + tail) * h * d * EXACT_BYTES)
+                (code, meta, (s + tail) * h * d * EXACT_BYTES, t - gone)
             }
         }
     };
-    let layers = config
+    let (layers, elements): (Vec<LayerMemory>, Vec<usize>) = config
         .layers
         .iter()
         .zip(tokens)
@@ -190,20 +194,21 @@ pub fn expected_memory(config: &QuantCacheConfig, shape: &CacheShape, tokens: &[
         .map(|(i, (l, &t))| {
             let sinks = if l.k == Precision::Full && l.v == Precision::Full { 0 } else { config.sinks };
             let from = if shape.window(i).is_some() { shape.window_start(i, t) } else { 0 };
-            let (kc, km, kf) = side(&l.k, t, sinks, from);
-            let (vc, vm, vf) = side(&l.v, t, sinks, from);
-            LayerMemory {
+            let (kc, km, kf, kt) = side(&l.k, t, sinks, from);
+            let (vc, vm, vf, vt) = side(&l.v, t, sinks, from);
+            let m = LayerMemory {
                 k_code_bytes: kc,
                 k_meta_bytes: km,
                 k_full_bytes: kf,
                 v_code_bytes: vc,
                 v_meta_bytes: vm,
                 v_full_bytes: vf,
-                tokens: t,
-            }
+                tokens: kt.max(vt),
+            };
+            (m, (kt + vt) * h * d)
         })
-        .collect();
-    MemoryReport { layers, elements: tokens.iter().map(|t| 2 * t * h * d).sum() }
+        .unzip();
+    MemoryReport { layers, elements: elements.iter().sum() }
 }
 
 /// Initial room of each buffer, in tokens; buffers grow geometrically from there.
@@ -222,6 +227,7 @@ impl QuantizedCache {
                         sink: Vec::with_capacity(config.sinks.min(shape.max_seq_len) * d),
                         packed: p.spec().map(|s| PackedStream::with_capacity(*s, d, room)).transpose()?,
                         packed_base: 0,
+                        dropped: 0,
                         tail: Vec::with_capacity((config.residual + INITIAL_TOKENS).min(shape.max_seq_len) * d),
                         dead: 0,
                         tail_base: sinks,
@@ -528,6 +534,7 @@ fn slide(
                 if gone > s.packed_base {
                     stream.drop_front(gone - s.packed_base)?;
                     s.packed_base = gone;
+                    s.dropped = gone;
                 }
             }
             None => {
@@ -536,6 +543,7 @@ fn slide(
                 if dead > s.dead {
                     let more = dead - s.dead;
                     retire(std::slice::from_mut(s), d, more);
+                    s.dropped = gone;
                 }
             }
         }
@@ -677,6 +685,7 @@ impl KvCache for QuantizedCache {
             .map(|l| {
                 let (kc, km, kf) = sum(&l.k);
                 let (vc, vm, vf) = sum(&l.v);
+                let (kt, vt) = (l.tokens - l.k[0].dropped, l.tokens - l.v[0].dropped);
                 LayerMemory {
                     k_code_bytes: kc,
                     k_meta_bytes: km,
@@ -684,11 +693,12 @@ impl KvCache for QuantizedCache {
                     v_code_bytes: vc,
                     v_meta_bytes: vm,
                     v_full_bytes: vf,
-                    tokens: l.tokens,
+                    tokens: kt.max(vt),
                 }
             })
             .collect();
-        let elements = self.layers.iter().map(|l| 2 * l.tokens * self.shape.kv_row()).sum();
+        let elements =
+            self.layers.iter().map(|l| (2 * l.tokens - l.k[0].dropped - l.v[0].dropped) * self.shape.kv_row()).sum();
         MemoryReport { layers, elements }
     }
 
@@ -701,6 +711,7 @@ impl KvCache for QuantizedCache {
                 s.dead = 0;
                 s.tail_base = l.sinks;
                 s.packed_base = 0;
+                s.dropped = 0;
                 if let Some(p) = &mut s.packed {
                     p.clear();
                 }

@@ -106,6 +106,36 @@ fn one_forward_equals_token_by_token_decoding() {
     }
 }
 
+/// Past the 512-token sliding window: one forward over 600 tokens equals a 560-token prefill followed by 40
+/// decoding steps bit for bit, through f32 and quantized caches, while the local layers hold less than the global
+/// ones (they dropped what no query can see any more).
+#[test]
+fn decoding_past_the_sliding_window_equals_one_forward() {
+    let test = "decoding_past_the_sliding_window_equals_one_forward";
+    let Some(m) = model(test) else { return };
+    let Some(tokens) = wikitext_tokens(m, test) else { return };
+    let (n, pre) = (600, 560);
+    let toks = &tokens[..n];
+    for spec in ["f32", "k4v2-g32-r16", "k2v4-kivi-g32-r32", "k3v2-rot-lloyd-r16"] {
+        let mut a = build_cache(spec, m.cache_shape(640)).unwrap();
+        let la = m.forward(toks, a.as_mut(), &mut ForwardOptions::new(LogitsRange::From(pre))).unwrap();
+        let mut b = build_cache(spec, m.cache_shape(640)).unwrap();
+        m.forward(&toks[..pre], b.as_mut(), &mut ForwardOptions::new(LogitsRange::None)).unwrap();
+        let mut rows = Vec::with_capacity(la.data.len());
+        for &t in &toks[pre..] {
+            rows.extend(m.forward(&[t], b.as_mut(), &mut ForwardOptions::new(LogitsRange::Last)).unwrap().data);
+        }
+        let first = la.data.iter().zip(&rows).position(|(x, y)| x.to_bits() != y.to_bits());
+        assert!(first.is_none(), "{spec}: one forward and decoding differ first at element {first:?}");
+        let mem = b.memory();
+        assert_eq!(b.seq_len(0), n);
+        assert!(mem.layers[0].tokens < n && mem.layers[5].tokens == n, "{spec}: {:?}", mem.layers[0]);
+        let bytes = |l: usize| mem.layers[l].k_bytes() + mem.layers[l].v_bytes();
+        assert!(bytes(0) < bytes(5), "{spec}: local layer 0 holds {} bytes, global layer 5 {}", bytes(0), bytes(5));
+        assert_eq!(a.memory(), mem, "{spec}: the same bytes either way");
+    }
+}
+
 /// The first 4 windows of llama.cpp's protocol (BOS first in every window). The pinned value is this
 /// implementation's on those windows in the 100-window run recorded in docs/MODEL.md; 1% covers summation order.
 #[test]
