@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use adaquant_cache::{FullPrecisionCache, KvCache};
+use adaquant_cache::FullPrecisionCache;
 use adaquant_model::gguf::{GgufWriter, Value};
 use adaquant_model::model::permute_rope_rows;
 use adaquant_model::{Arch, ForwardOptions, LogitsRange, Model, ModelError, RopeScaling};
