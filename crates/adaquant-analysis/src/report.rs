@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{AnalysisError, Result};
 use crate::linalg::mean_min_max;
 use crate::plot::{self, BarChart, BarGroup, Heatmap, LineChart, Series};
-use crate::study::{ActivationLayer, Dims, WeightLayer};
+use crate::study::{ActivationLayer, Dims, QuantError, WeightLayer};
 
 /// Where the activations came from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,6 +105,9 @@ pub struct Report {
     /// The paper's claims: ||W_K|| > ||W_V|| (weights) and ||K|| > ||V|| (activations), per norm.
     pub claims: Vec<Claim>,
     pub timings: Timings,
+    /// Per layer, `Some(w)` for a sliding-window (local) layer (Gemma 3); empty when no layer slides.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<Option<usize>>,
 }
 
 /// Kinds of sensitivity files (`sensitivities-<kind>.json`).
@@ -132,7 +135,7 @@ impl Report {
         layers: Vec<LayerReport>,
         timings: Timings,
     ) -> Report {
-        let mut r = Report { model, dims, calibration, layers, claims: Vec::new(), timings };
+        let mut r = Report { model, dims, calibration, layers, claims: Vec::new(), timings, windows: Vec::new() };
         r.claims = r.check_claims();
         r
     }
@@ -210,6 +213,54 @@ impl Report {
             _ => return None,
         };
         Some(SensitivityFile { kind: kind.into(), k, v, note: note.into() })
+    }
+
+    /// Summary lines comparing sliding-window (local) and global layers, for models that have both: medians of the
+    /// K/V norm ratios and of the 4-bit attention-output errors of K alone and V alone. Empty otherwise.
+    pub fn local_global_markdown(&self) -> String {
+        let mut s = String::new();
+        if !self.windows.iter().any(Option::is_some) || self.windows.iter().all(Option::is_some) {
+            return s;
+        }
+        fn median(mut x: Vec<f64>) -> Option<f64> {
+            x.retain(|v| v.is_finite());
+            if x.is_empty() {
+                return None;
+            }
+            x.sort_by(f64::total_cmp);
+            let n = x.len();
+            Some(if n % 2 == 1 { x[n / 2] } else { 0.5 * (x[n / 2 - 1] + x[n / 2]) })
+        }
+        let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
+        for (name, local) in [("local (sliding-window)", true), ("global", false)] {
+            let ls: Vec<&LayerReport> = self
+                .layers
+                .iter()
+                .filter(|l| self.windows.get(l.layer).copied().flatten().is_some() == local)
+                .collect();
+            let idx: Vec<String> = ls.iter().map(|l| l.layer.to_string()).collect();
+            let w_ratio = median(ls.iter().map(|l| l.weights.w_k.whole.spec / l.weights.w_v.whole.spec).collect());
+            let acts: Vec<&ActivationLayer> = ls.iter().filter_map(|l| l.activations.as_ref()).collect();
+            let a_ratio = median(acts.iter().map(|a| a.k.whole.fro / a.v.whole.fro).collect());
+            let at4 = |a: &&ActivationLayer| a.quant.iter().find(|q| (q.bits - 4.0).abs() < 1e-9).cloned();
+            let q4: Vec<QuantError> = acts.iter().filter_map(at4).collect();
+            let k4 = median(q4.iter().filter_map(|q| q.k_attn_rel).collect());
+            let v4 = median(q4.iter().filter_map(|q| q.v_attn_rel).collect());
+            let k_worse =
+                q4.iter().filter(|q| matches!((q.k_attn_rel, q.v_attn_rel), (Some(k), Some(v)) if k > v)).count();
+            let _ = writeln!(
+                s,
+                "- {name} layers ({}): median ||W_K||_2/||W_V||_2 {}, median ||K||_F/||V||_F {}; at 4 bits the median \
+                 attention-output error is {} with K alone and {} with V alone (K worse in {k_worse} of {}).",
+                idx.join(", "),
+                fmt(w_ratio),
+                fmt(a_ratio),
+                fmt(k4),
+                fmt(v4),
+                q4.len()
+            );
+        }
+        s
     }
 
     /// Writes `report.json`, `report.md`, `sensitivities-<kind>.json` and the plots into `dir`; returns the files
@@ -480,6 +531,7 @@ impl Report {
                 );
             }
         }
+        s.push_str(&self.local_global_markdown());
         let _ = writeln!(
             s,
             "\nThe paper (arXiv 2502.15075) argues that keys carry larger norms than values, so quantization error hurts keys more and keys deserve more bits. The lines above state where that holds on this model and where it does not.\n"

@@ -280,7 +280,11 @@ pub fn run_typed(args: &AnalyzeArgs) -> Result<PathBuf> {
         }
     }
     timings.total_s = secs(t0);
-    let report = Report::new(model_path, dims, calibration, layers, timings);
+    let mut report = Report::new(model_path, dims, calibration, layers, timings);
+    report.windows = (0..model.config.n_layers).map(|l| model.config.layer_window(l)).collect();
+    if !report.windows.iter().any(Option::is_some) {
+        report.windows.clear();
+    }
     eprintln!("analyze: writing {}", out.display());
     if args.no_plots {
         report.write_data(&out)?;

@@ -191,6 +191,32 @@ fn synthetic_layers(d: &Dims, with_activations: bool) -> Vec<LayerReport> {
         .collect()
 }
 
+/// A model with local and global layers gets one summary line per kind, over the right layers; a model where
+/// every layer is global (or local) gets none.
+#[test]
+fn local_and_global_layers_are_summarised_apart() {
+    let d = dims(4);
+    let layers = synthetic_layers(&d, true);
+    let mut report = Report::new("gemma.gguf".into(), d.clone(), None, layers, Timings::default());
+    assert_eq!(report.local_global_markdown(), "");
+    report.windows = vec![Some(512), Some(512), Some(512), None];
+    let md = report.local_global_markdown();
+    let lines: Vec<&str> = md.lines().collect();
+    assert_eq!(lines.len(), 2, "{md}");
+    assert!(lines[0].starts_with("- local (sliding-window) layers (0, 1, 2):"), "{md}");
+    assert!(lines[1].starts_with("- global layers (3):"), "{md}");
+    // Layer 3 has W_V twice W_K, so the global line's weight ratio is below 1 and the local median above it.
+    let ratio = |l: &LayerReport| l.weights.w_k.whole.spec / l.weights.w_v.whole.spec;
+    assert!(lines[1].contains(&format!("median ||W_K||_2/||W_V||_2 {:.3}", ratio(&report.layers[3]))), "{md}");
+    assert!(ratio(&report.layers[3]) < 1.0 && ratio(&report.layers[0]) > 1.0);
+    assert!(report.markdown().contains(lines[1]));
+    let json = serde_json::to_string(&report).unwrap();
+    let back: Report = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.windows, report.windows);
+    report.windows = vec![Some(512); 4];
+    assert_eq!(report.local_global_markdown(), "");
+}
+
 #[test]
 fn weight_study_is_per_head() {
     let d = dims(1);
