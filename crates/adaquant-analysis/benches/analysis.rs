@@ -37,7 +37,7 @@ fn attention_error(c: &mut Criterion) {
     let pos = query_positions(t, 16);
     let mut g = c.benchmark_group("attention_errors_2048_tokens_16_queries_8_widths");
     g.sample_size(10);
-    g.bench_function("fused", |b| b.iter(|| attention_errors(&q, &k, &v, &kq, &vq, &pos, &d, 0.125)));
+    g.bench_function("fused", |b| b.iter(|| attention_errors(&q, &k, &v, &kq, &vq, &pos, None, &d, 0.125)));
     g.finish();
 }
 

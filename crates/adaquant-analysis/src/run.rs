@@ -243,6 +243,7 @@ pub fn run_typed(args: &AnalyzeArgs) -> Result<PathBuf> {
             bits: args.bits.clone(),
             attn_queries: args.attn_queries,
             softmax_scale: model.config.attn_scale,
+            window: None,
         };
         let quantizer = GroupQuantizer { group: args.group };
         let done = AtomicUsize::new(0);
@@ -251,6 +252,8 @@ pub fn run_typed(args: &AnalyzeArgs) -> Result<PathBuf> {
             .par_iter()
             .enumerate()
             .map(|(l, a)| {
+                // A local layer's queries see only its window.
+                let opts = ActivationOptions { window: model.config.layer_window(l), ..opts.clone() };
                 let r = activation_layer(l, a, &dims, &opts, &quantizer);
                 let d = done.fetch_add(1, Ordering::Relaxed) + 1;
                 eprintln!("analyze: activations of layer {l} done ({d}/{})", dims.n_layers);

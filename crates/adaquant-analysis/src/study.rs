@@ -295,14 +295,25 @@ fn weighted_values(w: &[f32], v: &[f32], kh: usize, nkv: usize, hd: usize, out: 
 /// Causal grouped-query attention outputs of selected query positions.
 ///
 /// `q` is `[tokens][n_q_heads][head_dim]`, `k` and `v` `[tokens][n_kv_heads][head_dim]` (keys after RoPE); query
-/// position `p` attends to positions `0..=p`. Returns `[positions.len()][n_q_heads][head_dim]`. Queries are
-/// processed in parallel; [`attention_ref`] is the serial reference.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], positions: &[usize], dims: &Dims, scale: f32) -> Vec<f32> {
+/// position `p` attends to positions `0..=p`, or with a sliding `window` to the last `window` of them (Gemma 3's
+/// local layers). Returns `[positions.len()][n_q_heads][head_dim]`. Queries are processed in parallel;
+/// [`attention_ref`] is the serial reference.
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    positions: &[usize],
+    window: Option<usize>,
+    dims: &Dims,
+    scale: f32,
+) -> Vec<f32> {
     let (nq, nkv, hd) = (dims.n_q_heads, dims.n_kv_heads, dims.head_dim);
     let per_kv = nq / nkv;
     let mut out = vec![0.0f32; positions.len() * nq * hd];
     out.par_chunks_mut(nq * hd).zip(positions).for_each(|(o, &p)| {
-        let mut w = vec![0.0f32; p + 1];
+        let lo = window_start(p, window);
+        let (k, v) = (&k[lo * nkv * hd..], &v[lo * nkv * hd..]);
+        let mut w = vec![0.0f32; p + 1 - lo];
         for h in 0..nq {
             let kh = h / per_kv;
             softmax_weights(&q[(p * nq + h) * hd..][..hd], k, kh, nkv, hd, scale, &mut w);
@@ -310,6 +321,11 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], positions: &[usize], dims: &Di
         }
     });
     out
+}
+
+/// The first position a query at `p` sees.
+fn window_start(p: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (p + 1).saturating_sub(w))
 }
 
 /// Relative attention-output errors `||O - O'||_F / ||O||_F` over the query `positions`, where `O'` uses the
@@ -324,6 +340,7 @@ pub fn attention_errors(
     k_quant: &[Vec<f32>],
     v_quant: &[Vec<f32>],
     positions: &[usize],
+    window: Option<usize>,
     dims: &Dims,
     scale: f32,
 ) -> (Vec<f64>, Vec<f64>) {
@@ -335,8 +352,11 @@ pub fn attention_errors(
         .par_iter()
         .map(|&p| {
             let mut acc = vec![0.0f64; 1 + nk + nv];
-            let mut w = vec![0.0f32; p + 1];
-            let mut wq = vec![0.0f32; p + 1];
+            let lo = window_start(p, window);
+            let at = lo * nkv * hd;
+            let (k, v) = (&k[at..], &v[at..]);
+            let mut w = vec![0.0f32; p + 1 - lo];
+            let mut wq = vec![0.0f32; p + 1 - lo];
             let mut o = vec![0.0f32; hd];
             let mut o2 = vec![0.0f32; hd];
             let sq = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>();
@@ -347,12 +367,12 @@ pub fn attention_errors(
                 weighted_values(&w, v, kh, nkv, hd, &mut o);
                 acc[0] += o.iter().map(|&x| (x as f64).powi(2)).sum::<f64>();
                 for (j, kq) in k_quant.iter().enumerate() {
-                    softmax_weights(qv, kq, kh, nkv, hd, scale, &mut wq);
+                    softmax_weights(qv, &kq[at..], kh, nkv, hd, scale, &mut wq);
                     weighted_values(&wq, v, kh, nkv, hd, &mut o2);
                     acc[1 + j] += sq(&o, &o2);
                 }
                 for (j, vq) in v_quant.iter().enumerate() {
-                    weighted_values(&w, vq, kh, nkv, hd, &mut o2);
+                    weighted_values(&w, &vq[at..], kh, nkv, hd, &mut o2);
                     acc[1 + nk + j] += sq(&o, &o2);
                 }
             }
@@ -365,13 +385,22 @@ pub fn attention_errors(
 }
 
 /// Reference twin of [`attention`]: serial, f64 accumulation, explicit softmax.
-pub fn attention_ref(q: &[f32], k: &[f32], v: &[f32], positions: &[usize], dims: &Dims, scale: f32) -> Vec<f32> {
+pub fn attention_ref(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    positions: &[usize],
+    window: Option<usize>,
+    dims: &Dims,
+    scale: f32,
+) -> Vec<f32> {
     let (nq, nkv, hd) = (dims.n_q_heads, dims.n_kv_heads, dims.head_dim);
     let mut out = Vec::with_capacity(positions.len() * nq * hd);
     for &p in positions {
+        let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
         for h in 0..nq {
             let kh = h * nkv / nq;
-            let logits: Vec<f64> = (0..=p)
+            let logits: Vec<f64> = (lo..=p)
                 .map(|s| {
                     (0..hd).map(|d| q[(p * nq + h) * hd + d] as f64 * k[(s * nkv + kh) * hd + d] as f64).sum::<f64>()
                         * scale as f64
@@ -381,7 +410,7 @@ pub fn attention_ref(q: &[f32], k: &[f32], v: &[f32], positions: &[usize], dims:
             let w: Vec<f64> = logits.iter().map(|l| (l - mx).exp()).collect();
             let z: f64 = w.iter().sum();
             for d in 0..hd {
-                let acc: f64 = (0..=p).map(|s| w[s] * v[(s * nkv + kh) * hd + d] as f64).sum();
+                let acc: f64 = (lo..=p).map(|s| w[s - lo] * v[(s * nkv + kh) * hd + d] as f64).sum();
                 out.push((acc / z) as f32);
             }
         }
@@ -444,6 +473,8 @@ pub struct ActivationOptions {
     pub attn_queries: usize,
     /// Softmax scale, usually 1 / sqrt(head_dim).
     pub softmax_scale: f32,
+    /// The layer's sliding window (a query sees only its last `w` positions), `None` for a global layer.
+    pub window: Option<usize>,
 }
 
 /// The activation study of one layer.
@@ -509,7 +540,8 @@ pub fn activation_layer<Q: Quantizer + ?Sized>(
     }
     let (k_attn, v_attn) = if with_attn {
         let positions = query_positions(t, opts.attn_queries);
-        let (ka, va) = attention_errors(&a.q, &a.k, &a.v, &k_quant, &v_quant, &positions, dims, opts.softmax_scale);
+        let (ka, va) =
+            attention_errors(&a.q, &a.k, &a.v, &k_quant, &v_quant, &positions, opts.window, dims, opts.softmax_scale);
         (ka.into_iter().map(Some).collect(), va.into_iter().map(Some).collect())
     } else {
         (vec![None; opts.bits.len()], vec![None; opts.bits.len()])

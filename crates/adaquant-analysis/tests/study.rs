@@ -32,7 +32,7 @@ fn activations(seed: u64, d: &Dims, tokens: usize, k_scale: f32, v_scale: f32) -
 }
 
 fn opts(bits: Vec<Bits>, attn_queries: usize) -> ActivationOptions {
-    ActivationOptions { pre_rope: false, bits, attn_queries, softmax_scale: 1.0 / 24f32.sqrt() }
+    ActivationOptions { pre_rope: false, bits, attn_queries, softmax_scale: 1.0 / 24f32.sqrt(), window: None }
 }
 
 /// Multiplies every value by `1 + e`, so the relative error is exactly `e`.
@@ -46,15 +46,15 @@ fn parallel_attention_matches_reference() {
     for &tokens in &[1usize, 2, 37, 97] {
         let a = activations(tokens as u64, &d, tokens, 2.0, 1.0);
         let pos: Vec<usize> = (0..tokens).collect();
-        let fast = attention(&a.q, &a.k, &a.v, &pos, &d, 0.3);
-        let slow = attention_ref(&a.q, &a.k, &a.v, &pos, &d, 0.3);
+        let fast = attention(&a.q, &a.k, &a.v, &pos, None, &d, 0.3);
+        let slow = attention_ref(&a.q, &a.k, &a.v, &pos, None, &d, 0.3);
         assert_eq!(fast.len(), tokens * d.q_dim());
         let err = fast.iter().zip(&slow).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
         assert!(err < 1e-5, "tokens={tokens}: max |fast - ref| = {err}");
     }
     // The first position attends only to itself: its output is its own value vector.
     let a = activations(1, &d, 5, 1.0, 1.0);
-    let o = attention(&a.q, &a.k, &a.v, &[0], &d, 0.3);
+    let o = attention(&a.q, &a.k, &a.v, &[0], None, &d, 0.3);
     for h in 0..d.n_q_heads {
         let kv = h / 3;
         assert_eq!(&o[h * 24..(h + 1) * 24], &a.v[kv * 24..(kv + 1) * 24]);
@@ -65,17 +65,32 @@ fn parallel_attention_matches_reference() {
 fn fused_attention_errors_match_reference() {
     let d = dims(1);
     let q = GroupQuantizer { group: 8 };
-    for &tokens in &[3usize, 29, 70] {
+    for (tokens, window) in [(3usize, None), (29, None), (70, None), (70, Some(9)), (29, Some(40))] {
         let a = activations(100 + tokens as u64, &d, tokens, 2.0, 1.0);
         let widths = [Bits::B1_58, Bits::B3, Bits::B6];
         let kq: Vec<Vec<f32>> = widths.iter().map(|&b| quantize_heads(&q, &a.k, tokens, 2, 24, b).unwrap()).collect();
         let vq: Vec<Vec<f32>> = widths.iter().map(|&b| quantize_heads(&q, &a.v, tokens, 2, 24, b).unwrap()).collect();
         let pos = query_positions(tokens, 5);
-        let (ke, ve) = attention_errors(&a.q, &a.k, &a.v, &kq, &vq, &pos, &d, 0.2);
-        let exact = attention_ref(&a.q, &a.k, &a.v, &pos, &d, 0.2);
+        let (ke, ve) = attention_errors(&a.q, &a.k, &a.v, &kq, &vq, &pos, window, &d, 0.2);
+        let exact = attention_ref(&a.q, &a.k, &a.v, &pos, window, &d, 0.2);
+        let fast = attention(&a.q, &a.k, &a.v, &pos, window, &d, 0.2);
+        let worst = fast.iter().zip(&exact).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "tokens {tokens} window {window:?}: max |fast - ref| = {worst}");
+        if window == Some(9) {
+            // A window of 9 is the plain causal attention of the same query over the last 9 positions.
+            let (p, qr, row) = (*pos.last().unwrap(), d.q_dim(), d.kv_dim());
+            let lo = p + 1 - 9;
+            let mut qs = vec![0.0; 9 * qr];
+            qs[8 * qr..].copy_from_slice(&a.q[p * qr..(p + 1) * qr]);
+            let (ks, vs) = (&a.k[lo * row..(p + 1) * row], &a.v[lo * row..(p + 1) * row]);
+            let cut = attention_ref(&qs, ks, vs, &[8], None, &d, 0.2);
+            assert_eq!(&exact[(pos.len() - 1) * qr..], &cut[..], "the window is plain attention over its positions");
+            let plain = attention_ref(&a.q, &a.k, &a.v, &pos, None, &d, 0.2);
+            assert_ne!(plain, exact, "a window of 9 over 70 tokens must change the outputs");
+        }
         for j in 0..widths.len() {
-            let rk = relative_error(&exact, &attention_ref(&a.q, &kq[j], &a.v, &pos, &d, 0.2));
-            let rv = relative_error(&exact, &attention_ref(&a.q, &a.k, &vq[j], &pos, &d, 0.2));
+            let rk = relative_error(&exact, &attention_ref(&a.q, &kq[j], &a.v, &pos, window, &d, 0.2));
+            let rv = relative_error(&exact, &attention_ref(&a.q, &a.k, &vq[j], &pos, window, &d, 0.2));
             assert!((ke[j] - rk).abs() <= 1e-4 * rk.max(1e-3), "K width {j}: {} vs {rk}", ke[j]);
             assert!((ve[j] - rv).abs() <= 1e-4 * rv.max(1e-3), "V width {j}: {} vs {rv}", ve[j]);
         }
