@@ -477,6 +477,10 @@ pub struct SweepPlan {
     /// File name of the text, recorded in every line and named in tables and plots.
     pub text_name: String,
     pub git_rev: String,
+    /// How the model's linear layers computed: `f32` (dequantized weights) or `packed` (GGUF blocks with 8-bit
+    /// activations). Anything but `f32` is part of the settings, so results of the two paths never share a key
+    /// (and f32 results keep the keys they had before the packed path existed).
+    pub weights: String,
     /// Task datasets, read when the corresponding task is selected.
     pub hellaswag_path: PathBuf,
     pub arc_path: PathBuf,
@@ -494,11 +498,14 @@ impl SweepPlan {
                 Task::Lambada => &self.lambada_path,
             })
         })?;
-        let settings = format!(
+        let mut settings = format!(
             "results v{RESULTS_VERSION}; model sha256 {}; text sha256 {}; {} windows of {} tokens; reference top-{}; \
              tasks: {tasks}",
             self.model_sha256, self.data_sha256, self.text.windows, self.text.ctx, self.text.topk
         );
+        if self.weights != "f32" {
+            settings.push_str(&format!("; weights {}", self.weights));
+        }
         let settings_id = short_sha(settings.as_bytes());
         let mut keys = Vec::with_capacity(self.points.len());
         let mut file_sha: BTreeMap<PathBuf, String> = BTreeMap::new();
@@ -1230,6 +1237,7 @@ mod tests {
             model_sha256: "aa".repeat(32),
             data_sha256: "bb".repeat(32),
             git_rev: "rev".into(),
+            weights: "f32".into(),
             hellaswag_path: hs,
             arc_path: dir.join("absent-arc"),
             lambada_path: dir.join("absent-lambada"),
@@ -1265,7 +1273,8 @@ mod tests {
             assert_eq!(p.identity().unwrap().keys, id.keys, "change {i} must keep the keys");
         }
 
-        let differ: [(&str, &Change); 10] = [
+        let differ: [(&str, &Change); 11] = [
+            ("packed weights", &|p| p.weights = "packed".into()),
             ("model content", &|p| p.model_sha256 = "cc".repeat(32)),
             ("text content", &|p| p.data_sha256 = "dd".repeat(32)),
             ("window length", &|p| p.text.ctx = 1024),

@@ -36,6 +36,7 @@ fn plan(out: PathBuf, points: Vec<PointSpec>, ctx: usize) -> SweepPlan {
         data_sha256: "0".into(),
         text_name: "toy.txt".into(),
         git_rev: "test".into(),
+        weights: "f32".into(),
         hellaswag_path: PathBuf::new(),
         arc_path: PathBuf::new(),
         lambada_path: PathBuf::new(),

@@ -44,6 +44,7 @@ fn every_quantizer_family_runs_and_is_named() {
         data_sha256: "0".into(),
         text_name: "toy text".into(),
         git_rev: "test".into(),
+        weights: "f32".into(),
         hellaswag_path: PathBuf::new(),
         arc_path: PathBuf::new(),
         lambada_path: PathBuf::new(),

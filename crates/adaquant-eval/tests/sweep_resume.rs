@@ -47,6 +47,7 @@ fn plan(out: PathBuf, shard: Option<Shard>) -> SweepPlan {
         data_sha256: "0".into(),
         text_name: "toy text".into(),
         git_rev: "test".into(),
+        weights: "f32".into(),
         hellaswag_path: PathBuf::new(),
         arc_path: PathBuf::new(),
         lambada_path: PathBuf::new(),
