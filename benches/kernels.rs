@@ -7,7 +7,8 @@
 //!
 //! After the criterion runs, a summary table prints median time, bytes read, achieved GB/s, the share of the copy
 //! bandwidth measured in the same process, and the speedup over the f16 baseline, with rayon (2 threads here) and on
-//! one thread. `ADAQUANT_BENCH_QUICK=1` limits contexts to 4K and 32K.
+//! one thread. `ADAQUANT_BENCH_QUICK=1` limits contexts to 4K and 32K; `ADAQUANT_BENCH_SHAPES=smollm2` keeps one
+//! attention shape.
 //!
 //! Run: `cargo bench -p adaquant-benches --bench kernels`.
 
@@ -184,7 +185,12 @@ fn main() {
 
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let mut rows = Vec::new();
+    // `ADAQUANT_BENCH_SHAPES=smollm2` (or `llama3-8b`) keeps one attention shape.
+    let only = std::env::var("ADAQUANT_BENCH_SHAPES").ok();
     for shape in [SMOLLM2, LLAMA3_8B] {
+        if only.as_deref().is_some_and(|o| !o.split(',').any(|n| n == shape.name)) {
+            continue;
+        }
         for &ctx in contexts {
             let p = Point::new(shape, ctx);
             let mut out = vec![0f32; shape.n_q * shape.d];

@@ -16,7 +16,7 @@ use crate::format::{Bits, GroupAxis};
 use crate::pack;
 use crate::quant::{MetaView, PackedView};
 
-mod avx512;
+pub(super) mod avx512;
 
 /// Eight codes starting at code index `i` (a multiple of 8 for `B < 8`) of a stream of `B`-bit codes.
 #[inline]
@@ -513,7 +513,7 @@ fn keys_pc<const B: usize, const R: usize>(args: KeyArgs<'_, '_>) {
             // entries and the `g` scores of each query row `r0 + r` start at the pointer passed.
             unsafe {
                 let out = scores.as_mut_ptr().add(r0 * t_all + pos + blk * g);
-                avx512::key_block::<B, R>(src, base, g, d, qs, &bias, out, t_all);
+                avx512::key_block::<B, R, false>(src, base, g, d, qs, &bias, out, t_all, &[0.0; 16]);
             }
             continue;
         }
@@ -725,7 +725,7 @@ fn values_pt<const B: usize, const R: usize>(args: ValueArgs<'_, '_>) {
             // weights and accumulator rows `r0 .. r0 + R` have `d` entries each.
             unsafe {
                 let a = acc.as_mut_ptr().add(r0 * d);
-                avx512::value_tile::<B, R>(src, base, tile, d, g, wt, TILE, a, c0);
+                avx512::value_tile::<B, R, false>(src, base, tile, d, g, wt, TILE, a, c0, &[0.0; 16]);
             }
             t0 += tile;
             continue;

@@ -8,7 +8,10 @@
 //! The levels are symmetric around zero, so value sums need no centring. The portable path (`generic`) looks levels
 //! up one code at a time from codes unpacked into a byte buffer; the AVX2 path (`avx2`) keeps the table in two
 //! registers and turns eight codes into eight levels with two permutes and a blend (one permute for 8 levels or
-//! fewer). Neither materializes dequantized history.
+//! fewer). On AVX-512 CPUs, per-channel keys and per-token values of 1, 2 and 4 bits with groups of a multiple of 16
+//! run the min-max kernels' AVX-512 loops with the conversion `code as f32` replaced by one `vpermps` from the
+//! table in one register (`avx512::key_block` and `value_tile` with `L = true`). None materializes dequantized
+//! history.
 
 use super::resize;
 use crate::format::GroupAxis;
@@ -137,6 +140,7 @@ pub(super) mod generic {
 pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::super::avx2::avx512;
     use super::super::avx2::{code_width, hsum, load8i, meta_into};
     use super::*;
 
@@ -194,6 +198,8 @@ pub(super) mod avx2 {
         pos: usize,
         direct: bool,
         lut: Lut,
+        /// The table for the AVX-512 loops.
+        lut16: [f32; 16],
     }
 
     /// Scores of a Lloyd-Max key view; group sizes that are not multiples of 8 go to the portable kernel.
@@ -214,10 +220,11 @@ pub(super) mod avx2 {
         let n_rep = qq.len() / view.head_dim;
         let (b, direct) = code_width(view);
         let lut = lut_of(table(view));
+        let lut16 = avx512::lut16(table(view));
         let mut r0 = 0;
         while r0 < n_rep {
             let nr = (n_rep - r0).min(4);
-            let batch = Batch { view, r0, t_all, pos, direct, lut };
+            let batch = Batch { view, r0, t_all, pos, direct, lut, lut16 };
             match view.spec.axis {
                 GroupAxis::PerChannel => dispatch!(keys_pc, b, nr, (&batch, qq, &mut *scores, &mut *codes, &mut *tmp)),
                 GroupAxis::PerToken => dispatch!(keys_pt, b, nr, (&batch, qq, &mut *scores, &mut *codes, &mut *tmp)),
@@ -245,10 +252,11 @@ pub(super) mod avx2 {
         let n_rep = acc.len() / view.head_dim;
         let (b, direct) = code_width(view);
         let lut = lut_of(table(view));
+        let lut16 = avx512::lut16(table(view));
         let mut r0 = 0;
         while r0 < n_rep {
             let nr = (n_rep - r0).min(4);
-            let batch = Batch { view, r0, t_all, pos, direct, lut };
+            let batch = Batch { view, r0, t_all, pos, direct, lut, lut16 };
             match view.spec.axis {
                 GroupAxis::PerToken => dispatch!(values_pt, b, nr, (&batch, p, &mut *acc, &mut *codes, &mut *tmp)),
                 GroupAxis::PerChannel => dispatch!(values_pc, b, nr, (&batch, p, &mut *acc, &mut *codes, &mut *tmp)),
@@ -281,6 +289,7 @@ pub(super) mod avx2 {
         let (d, g, r0) = (view.head_dim, view.spec.group, batch.r0);
         resize(tmp, d + R * d);
         let (sc, qs) = tmp.split_at_mut(d);
+        let wide = batch.direct && avx512::supports(B, g);
         for blk in 0..view.tokens / g {
             meta_into(&view.scales, blk * d, sc);
             for r in 0..R {
@@ -289,6 +298,15 @@ pub(super) mod avx2 {
                 }
             }
             let (src, base) = source(batch, blk * g * d, g * d, codes);
+            if wide {
+                // SAFETY: AVX-512F was detected (`supports`); the block's codes lie in the stream, `qs` has `R * d`
+                // entries and the `g` scores of each query row `r0 + r` start at the pointer passed.
+                unsafe {
+                    let out = scores.as_mut_ptr().add(r0 * batch.t_all + batch.pos + blk * g);
+                    avx512::key_block::<B, R, true>(src, base, g, d, qs, &[0.0; R], out, batch.t_all, &batch.lut16);
+                }
+                continue;
+            }
             let mut j = 0;
             while j < g {
                 let mut acc = [_mm256_setzero_ps(); R];
@@ -363,6 +381,46 @@ pub(super) mod avx2 {
         let view = batch.view;
         let (d, g, r0) = (view.head_dim, view.spec.group, batch.r0);
         let ng = d / g;
+        if batch.direct && avx512::supports(B, g) {
+            // Tiles of tokens with their weights `p_t scale_tg` laid out [group][query][token], as the AVX-512
+            // loop of the min-max kernel takes them (levels are symmetric, so no centre is subtracted).
+            const TILE: usize = 64;
+            resize(tmp, TILE * ng + TILE * ng * R);
+            let (sc, wt) = tmp.split_at_mut(TILE * ng);
+            let mut t0 = 0;
+            while t0 < view.tokens {
+                let tile = (view.tokens - t0).min(TILE);
+                meta_into(&view.scales, t0 * ng, &mut sc[..tile * ng]);
+                for r in 0..R {
+                    let prow = &p[(r0 + r) * batch.t_all + batch.pos + t0..][..tile];
+                    for gi in 0..ng {
+                        let wrow = &mut wt[(gi * R + r) * TILE..][..tile];
+                        for (tt, w) in wrow.iter_mut().enumerate() {
+                            *w = prow[tt] * sc[tt * ng + gi];
+                        }
+                    }
+                }
+                // SAFETY: AVX-512F was detected (`supports`); the tile's codes lie in the stream, `wt` holds the
+                // tile's weights and accumulator rows `r0 .. r0 + R` have `d` entries each.
+                unsafe {
+                    let a = acc.as_mut_ptr().add(r0 * d);
+                    avx512::value_tile::<B, R, true>(
+                        view.codes.as_ptr(),
+                        t0 * d,
+                        tile,
+                        d,
+                        g,
+                        wt,
+                        TILE,
+                        a,
+                        0.0,
+                        &batch.lut16,
+                    );
+                }
+                t0 += tile;
+            }
+            return;
+        }
         resize(tmp, ng);
         for t in 0..view.tokens {
             meta_into(&view.scales, t * ng, tmp);

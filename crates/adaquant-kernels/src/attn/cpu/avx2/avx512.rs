@@ -2,7 +2,9 @@
 //!
 //! They run inside the AVX2 kernels (which keep the metadata handling) when the CPU has AVX-512F, the width `B` is
 //! 1, 2, 4 or 8 and the group size is a multiple of 16. Sixteen codes go to sixteen f32 lanes with one broadcast
-//! load, one variable shift, one mask and one conversion. For `B = 4` the sixteen codes are the 64-bit word of
+//! load, one variable shift, one mask and one conversion: `code as f32` for uniform levels, or, with `L = true`,
+//! one `vpermps` from a table of at most sixteen levels held in one register (Lloyd-Max codebooks), so the
+//! codebook kernels cost what the min-max ones cost. For `B = 4` the sixteen codes are the 64-bit word of
 //! the unit broadcast to every 64-bit lane, so the lanes hold the codes in the order `0, 8, 1, 9, ..`; the kernels
 //! accumulate in that order and restore the natural order once, when they write results out.
 
@@ -14,37 +16,53 @@ use std::arch::x86_64::*;
 const UNPERM: [i32; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15];
 
 /// Sixteen codes starting at code index `i` (a multiple of 16 for `B < 8`) of a stream of `B`-bit codes,
-/// `B` in {1, 2, 4, 8}; for `B = 4` in the lane order described in the module documentation.
+/// `B` in {1, 2, 4, 8}, as f32: the codes themselves, or with `L` the levels `lut[code]` (`B <= 4`); for `B = 4` in
+/// the lane order described in the module documentation.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn load16<const B: usize>(p: *const u8, i: usize) -> __m512 {
+unsafe fn load16<const B: usize, const L: bool>(p: *const u8, i: usize, lut: __m512) -> __m512 {
     debug_assert!(B == 8 || i.is_multiple_of(16));
+    debug_assert!(!L || B <= 4);
     // SAFETY (for the whole function): callers guarantee that the codes `i .. i + 16` lie inside the stream; each
     // arm reads exactly their `2 * B` bytes.
-    unsafe {
+    let idx = unsafe {
         let q = p.add(i * B / 8);
         match B {
-            8 => _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(q as *const __m128i))),
+            8 => _mm512_cvtepu8_epi32(_mm_loadu_si128(q as *const __m128i)),
             4 => {
                 let w = u64::from_le(std::ptr::read_unaligned(q as *const u64)) as i64;
                 let sh = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
                 let v = _mm512_srlv_epi32(_mm512_set1_epi64(w), sh);
-                _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))
+                _mm512_and_si512(v, _mm512_set1_epi32(15))
             }
             2 => {
                 let w = u32::from_le(std::ptr::read_unaligned(q as *const u32)) as i32;
                 let sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
                 let v = _mm512_srlv_epi32(_mm512_set1_epi32(w), sh);
-                _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(3)))
+                _mm512_and_si512(v, _mm512_set1_epi32(3))
             }
             _ => {
                 let w = u16::from_le(std::ptr::read_unaligned(q as *const u16)) as i32;
                 let sh = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
                 let v = _mm512_srlv_epi32(_mm512_set1_epi32(w), sh);
-                _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(1)))
+                _mm512_and_si512(v, _mm512_set1_epi32(1))
             }
         }
+    };
+    if L {
+        _mm512_permutexvar_ps(idx, lut)
+    } else {
+        _mm512_cvtepi32_ps(idx)
     }
+}
+
+/// A table of at most sixteen levels (unused entries zero), for the `L = true` loops; the loops hold it in one
+/// register.
+pub(in crate::attn::cpu) fn lut16(levels: &[f32]) -> [f32; 16] {
+    let mut t = [0f32; 16];
+    let n = levels.len().min(16);
+    t[..n].copy_from_slice(&levels[..n]);
+    t
 }
 
 /// Puts sixteen lanes produced from [`load16`] codes back into natural order.
@@ -61,7 +79,7 @@ fn unperm<const B: usize>(v: __m512) -> __m512 {
 }
 
 /// Whether the AVX-512 loops handle codes of width `B` with group size `g`.
-pub(super) fn supports(b: usize, g: usize) -> bool {
+pub(in crate::attn::cpu) fn supports(b: usize, g: usize) -> bool {
     matches!(b, 1 | 2 | 4 | 8) && g.is_multiple_of(16) && crate::simd::active() >= crate::simd::SimdLevel::Avx512
 }
 
@@ -73,7 +91,8 @@ pub(super) fn supports(b: usize, g: usize) -> bool {
 /// `0`'s first score of the block and rows `r * t_all .. r * t_all + g` are writable for `r < R`; `g` is a multiple
 /// of 16 and the CPU has AVX-512F.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) unsafe fn key_block<const B: usize, const R: usize>(
+#[allow(clippy::too_many_arguments)]
+pub(in crate::attn::cpu) unsafe fn key_block<const B: usize, const R: usize, const L: bool>(
     src: *const u8,
     base: usize,
     g: usize,
@@ -82,17 +101,20 @@ pub(super) unsafe fn key_block<const B: usize, const R: usize>(
     bias: &[f32; R],
     out: *mut f32,
     t_all: usize,
+    lut: &[f32; 16],
 ) {
     debug_assert!(g.is_multiple_of(16) && qs.len() >= R * d);
+    // SAFETY: sixteen floats.
+    let lut = unsafe { _mm512_loadu_ps(lut.as_ptr()) };
     let mut j = 0;
     // SAFETY: forwarded from the caller; `j + 16 * N <= g` in each call.
     unsafe {
         while j + 64 <= g {
-            key_tile::<B, R, 4>(src, base + j, g, d, qs, bias, out.add(j), t_all);
+            key_tile::<B, R, 4, L>(src, base + j, g, d, qs, bias, out.add(j), t_all, lut);
             j += 64;
         }
         while j < g {
-            key_tile::<B, R, 1>(src, base + j, g, d, qs, bias, out.add(j), t_all);
+            key_tile::<B, R, 1, L>(src, base + j, g, d, qs, bias, out.add(j), t_all, lut);
             j += 16;
         }
     }
@@ -102,7 +124,7 @@ pub(super) unsafe fn key_block<const B: usize, const R: usize>(
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn key_tile<const B: usize, const R: usize, const N: usize>(
+unsafe fn key_tile<const B: usize, const R: usize, const N: usize, const L: bool>(
     src: *const u8,
     base: usize,
     g: usize,
@@ -111,6 +133,7 @@ unsafe fn key_tile<const B: usize, const R: usize, const N: usize>(
     bias: &[f32; R],
     out: *mut f32,
     t_all: usize,
+    lut: __m512,
 ) {
     let mut acc = [[_mm512_setzero_ps(); N]; R];
     for r in 0..R {
@@ -121,7 +144,7 @@ unsafe fn key_tile<const B: usize, const R: usize, const N: usize>(
         let mut f = [_mm512_setzero_ps(); N];
         for (n, fv) in f.iter_mut().enumerate() {
             // SAFETY: codes `base + c * g + 16 n .. + 16` lie in the block (caller).
-            *fv = unsafe { load16::<B>(src, base + c * g + 16 * n) };
+            *fv = unsafe { load16::<B, L>(src, base + c * g + 16 * n, lut) };
         }
         for r in 0..R {
             // SAFETY: `r * d + c < R * d <= qs.len()`.
@@ -148,7 +171,7 @@ unsafe fn key_tile<const B: usize, const R: usize, const N: usize>(
 /// `g`, and the CPU has AVX-512F.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn value_tile<const B: usize, const R: usize>(
+pub(in crate::attn::cpu) unsafe fn value_tile<const B: usize, const R: usize, const L: bool>(
     src: *const u8,
     base: usize,
     tile: usize,
@@ -158,17 +181,20 @@ pub(super) unsafe fn value_tile<const B: usize, const R: usize>(
     ws: usize,
     acc: *mut f32,
     c0: f32,
+    lut: &[f32; 16],
 ) {
     debug_assert!(g.is_multiple_of(16) && d.is_multiple_of(g) && tile <= ws && wt.len() >= (d / g) * R * ws);
+    // SAFETY: sixteen floats.
+    let lut = unsafe { _mm512_loadu_ps(lut.as_ptr()) };
     let mut k = 0;
     // SAFETY: forwarded from the caller; each call covers channels inside one group.
     unsafe {
         while k < d {
             if k % g + 64 <= g {
-                value_channels::<B, R, 4>(src, base, tile, d, g, k, wt, ws, acc, c0);
+                value_channels::<B, R, 4, L>(src, base, tile, d, g, k, wt, ws, acc, c0, lut);
                 k += 64;
             } else {
-                value_channels::<B, R, 1>(src, base, tile, d, g, k, wt, ws, acc, c0);
+                value_channels::<B, R, 1, L>(src, base, tile, d, g, k, wt, ws, acc, c0, lut);
                 k += 16;
             }
         }
@@ -179,7 +205,7 @@ pub(super) unsafe fn value_tile<const B: usize, const R: usize>(
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn value_channels<const B: usize, const R: usize, const N: usize>(
+unsafe fn value_channels<const B: usize, const R: usize, const N: usize, const L: bool>(
     src: *const u8,
     base: usize,
     tile: usize,
@@ -190,6 +216,7 @@ unsafe fn value_channels<const B: usize, const R: usize, const N: usize>(
     ws: usize,
     acc: *mut f32,
     c0: f32,
+    lut: __m512,
 ) {
     let gi = k / g;
     let c0v = _mm512_set1_ps(c0);
@@ -199,7 +226,7 @@ unsafe fn value_channels<const B: usize, const R: usize, const N: usize>(
         let mut f = [_mm512_setzero_ps(); N];
         for (n, fv) in f.iter_mut().enumerate() {
             // SAFETY: codes of token `tt`, channels `k + 16 n .. + 16`, lie in the tile (caller).
-            *fv = _mm512_sub_ps(unsafe { load16::<B>(src, base + tt * d + k + 16 * n) }, c0v);
+            *fv = _mm512_sub_ps(unsafe { load16::<B, L>(src, base + tt * d + k + 16 * n, lut) }, c0v);
         }
         for r in 0..R {
             // SAFETY: `(gi * R + r) * ws + tt < ng * R * ws <= wt.len()`.
@@ -240,20 +267,31 @@ mod tests {
     /// for every width the loops handle, key blocks of 16, 48 and 128 tokens (16-token tiles) and 64 tokens (64-token
     /// tiles), value groups taking the 16- and 64-channel steps, 1, 3 and 4 query heads per KV head, and a last value
     /// tile that is not full.
+    /// The same with Lloyd-Max codebooks (the `L = true` loops: levels from one register), widths 1, 2 and 4.
     #[test]
     fn wide_loops_match_reference() {
         let mut rng = StdRng::seed_from_u64(31);
         let d = 128;
         let widths = [(Bits::B4, Bits::B2), (Bits::B1, Bits::B8), (Bits::B2, Bits::B4), (Bits::B8, Bits::B1)];
-        for (kb, vb) in widths {
+        let lloyd = [(Bits::B4, Bits::B2), (Bits::B1, Bits::B4), (Bits::B2, Bits::B1), (Bits::B4, Bits::B4)];
+        let cases = widths.map(|w| (w, false)).into_iter().chain(lloyd.map(|w| (w, true)));
+        for ((kb, vb), codebook) in cases {
+            let spec = |b, g, axis| {
+                let s = QuantSpec::new(b, g, axis);
+                if codebook {
+                    QuantSpec { levels: crate::format::Levels::LloydMax, ..s }
+                } else {
+                    s
+                }
+            };
             for (kg, vg) in [(64, 64), (16, 128), (48, 32), (128, 16)] {
                 for gqa in [1, 3, 4] {
                     let ctx = 4 * kg;
                     let tail = 5;
                     let mut gauss = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.sample(StandardNormal)).collect() };
                     let (k, v, tail_k, q) = (gauss(ctx * d), gauss((ctx + tail) * d), gauss(tail * d), gauss(gqa * d));
-                    let ks = quantize(&QuantSpec::new(kb, kg, GroupAxis::PerChannel), d, &k).unwrap();
-                    let vs = quantize(&QuantSpec::new(vb, vg, GroupAxis::PerToken), d, &v).unwrap();
+                    let ks = quantize(&spec(kb, kg, GroupAxis::PerChannel), d, &k).unwrap();
+                    let vs = quantize(&spec(vb, vg, GroupAxis::PerToken), d, &v).unwrap();
                     let head = HeadKv {
                         sink_k: &[],
                         sink_v: &[],
@@ -268,7 +306,10 @@ mod tests {
                     decode_attention_serial(&q, &[head], d, 0.1, &mut got).unwrap();
                     for r in 0..gqa {
                         let e = rel_err(&got[r * d..(r + 1) * d], &want[r * d..(r + 1) * d]);
-                        assert!(e < 1e-5, "K{kb}/{kg} V{vb}/{vg} gqa {gqa} head {r}: rel err {e:e}");
+                        assert!(
+                            e < 1e-5,
+                            "K{kb}/{kg} V{vb}/{vg} codebook {codebook} gqa {gqa} head {r}: rel err {e:e}"
+                        );
                     }
                 }
             }
