@@ -334,40 +334,33 @@ impl QuantizedRows {
         let kind = w.act_kind();
         let bl = kind.block();
         let blocks = n * k / bl;
-        let per_block = if kind == ActKind::Q8Block { blocks } else { 0 };
-        let mut q = QuantizedRows {
-            kind,
-            n,
-            k,
-            qs: vec![0; n * k],
-            d: vec![0.0; blocks],
-            s: vec![0.0; per_block],
-            qsum: vec![0; per_block],
-            bsums: vec![0; if kind == ActKind::Q8K { n * k / 16 } else { 0 }],
+        // Blocks are independent: rows go to the pool in chunks, each block by the same steps on every path.
+        let vector = quant_simd();
+        let mut qs = vec![0i8; n * k];
+        let mut meta = vec![(0.0f32, 0i32); blocks];
+        let rows_per_task = (QUANT_PAR_MIN / k.max(1)).max(1);
+        let work = |xs: &[f32], qs: &mut [i8], meta: &mut [(f32, i32)]| {
+            for ((xs, qs), meta) in xs.chunks_exact(bl).zip(qs.chunks_exact_mut(bl)).zip(meta.iter_mut()) {
+                *meta = quantize_block(xs, qs, vector);
+            }
         };
-        for (b, (xs, qs)) in x.chunks_exact(bl).zip(q.qs.chunks_exact_mut(bl)).enumerate() {
-            let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (o, &v) in qs.iter_mut().zip(xs) {
-                let c = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
-                *o = c;
-                sum += c as i32;
-            }
-            q.d[b] = d;
-            match kind {
-                ActKind::Q8Block => {
-                    q.s[b] = d * sum as f32;
-                    q.qsum[b] = sum;
-                }
-                ActKind::Q8K => {
-                    for (t, c) in qs.chunks_exact(16).enumerate() {
-                        q.bsums[b * (QK_K / 16) + t] = c.iter().map(|&v| v as i32).sum();
-                    }
-                }
-            }
+        if n * k < 2 * QUANT_PAR_MIN || k == 0 {
+            work(x, &mut qs, &mut meta);
+        } else {
+            x.par_chunks(rows_per_task * k)
+                .zip(qs.par_chunks_mut(rows_per_task * k).zip(meta.par_chunks_mut(rows_per_task * k / bl)))
+                .for_each(|(xs, (qs, meta))| work(xs, qs, meta));
         }
+        let d: Vec<f32> = meta.iter().map(|m| m.0).collect();
+        let (s, qsum, bsums) = match kind {
+            ActKind::Q8Block => {
+                (meta.iter().map(|&(d, sum)| d * sum as f32).collect(), meta.iter().map(|m| m.1).collect(), Vec::new())
+            }
+            ActKind::Q8K => {
+                (Vec::new(), Vec::new(), qs.chunks_exact(16).map(|c| c.iter().map(|&v| v as i32).sum()).collect())
+            }
+        };
+        let q = QuantizedRows { kind, n, k, qs, d, s, qsum, bsums };
         Ok(q)
     }
 
@@ -381,6 +374,39 @@ impl QuantizedRows {
         let per_row = self.k / bl;
         (0..self.k).map(|j| self.qs[i * self.k + j] as f32 * self.d[i * per_row + j / bl]).collect()
     }
+}
+
+/// Activation values per parallel quantization task (and half the size below which one thread does it all).
+const QUANT_PAR_MIN: usize = 1 << 14;
+
+/// Whether activation blocks are quantized with AVX2 (the same codes and scales as the scalar steps).
+fn quant_simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if adaquant_kernels::simd::active() >= adaquant_kernels::simd::SimdLevel::Avx2 {
+        return true;
+    }
+    false
+}
+
+/// One activation block: `d = max|x| / 127`, codes `round_ties_even(x / d)` clamped to ±127 into `qs`; returns
+/// `(d, Σq)`. With `vector` (AVX2 detected) eight values at a time, the same steps.
+fn quantize_block(xs: &[f32], qs: &mut [i8], vector: bool) -> (f32, i32) {
+    let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    #[cfg(target_arch = "x86_64")]
+    if vector && id.is_finite() && xs.len().is_multiple_of(32) {
+        // SAFETY: AVX2 was detected; `xs` and `qs` have the same length, a multiple of 32.
+        return (d, unsafe { avx2::quantize_codes(xs, qs, id) });
+    }
+    let _ = vector;
+    let mut sum = 0i32;
+    for (o, &v) in qs.iter_mut().zip(xs) {
+        let c = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+        *o = c;
+        sum += c as i32;
+    }
+    (d, sum)
 }
 
 /// `out[n][m] = x · Wᵀ` by the contract of the module documentation, on the fastest path this CPU has.
@@ -704,6 +730,40 @@ mod avx2 {
             F_Q5_0 => GgmlType::Q5_0,
             F_Q5_1 => GgmlType::Q5_1,
             _ => GgmlType::Q8_0,
+        }
+    }
+
+    /// The codes `round_ties_even(x · id)` clamped to ±127 of `xs` into `qs`, 32 at a time; returns their sum.
+    /// `id` is finite; NaN products become 0 and the rounding, clamp and conversion equal the scalar steps.
+    ///
+    /// # Safety
+    /// AVX2 is available; `xs` and `qs` have the same length, a multiple of 32.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_codes(xs: &[f32], qs: &mut [i8], id: f32) -> i32 {
+        debug_assert!(xs.len() == qs.len() && xs.len().is_multiple_of(32));
+        // SAFETY: every load and store below is inside `xs` and `qs` (32 values per step).
+        unsafe {
+            let idv = _mm256_set1_ps(id);
+            let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+            let mut sum = _mm256_setzero_si256();
+            let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            for (x, q) in xs.chunks_exact(32).zip(qs.chunks_exact_mut(32)) {
+                let mut c = [_mm256_setzero_si256(); 4];
+                for (t, c) in c.iter_mut().enumerate() {
+                    let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(8 * t)), idv);
+                    let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                    // A NaN (from a NaN or infinite input) becomes code 0, as `NaN as i8` does.
+                    let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r));
+                    *c = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+                    sum = _mm256_add_epi32(sum, *c);
+                }
+                let p = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+                _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, _mm256_permutevar8x32_epi32(p, perm));
+            }
+            let s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+            _mm_cvtsi128_si32(s)
         }
     }
 
@@ -1150,19 +1210,43 @@ mod tests {
     #[test]
     fn every_row_is_the_same_alone_and_in_a_batch() {
         let mut rng = StdRng::seed_from_u64(14);
-        for ty in TYPES {
-            let k = 2 * ty.block_elems();
-            let (n, m) = (40, 67);
+        // The second size is quantized by several parallel tasks.
+        for (ty, blocks, n) in
+            TYPES.iter().map(|&t| (t, 2, 40)).chain([(GgmlType::Q4_1, 8, 130), (GgmlType::Q6K, 2, 70)])
+        {
+            let k = blocks * ty.block_elems();
+            let m = 67;
             let w = random_matrix(ty, m, k, &mut rng);
             let x = random_acts(n, k, &mut rng);
             let mut all = vec![0.0; n * m];
             linear(&x, n, &w, &mut all).unwrap();
-            for i in [0, 13, 39] {
+            for i in [0, 13, 39, n - 1] {
                 let mut one = vec![0.0; m];
                 linear(&x[i * k..(i + 1) * k], 1, &w, &mut one).unwrap();
                 for j in 0..m {
                     assert_eq!(one[j].to_bits(), all[i * m + j].to_bits(), "{ty:?} row {i} col {j}");
                 }
+            }
+        }
+    }
+
+    /// The AVX2 activation quantization gives the scalar codes, scales and sums, odd values included.
+    #[test]
+    fn activation_quantization_is_the_same_on_every_path() {
+        let mut rng = StdRng::seed_from_u64(16);
+        for bl in [QK, QK_K] {
+            let mut x = random_acts(40, bl, &mut rng);
+            x[3 * bl..4 * bl].fill(0.0);
+            x[5 * bl..6 * bl].iter_mut().for_each(|v| *v *= 1e-38);
+            x[7 * bl + 3] = f32::NAN;
+            x[8 * bl + 1] = f32::INFINITY;
+            x[9 * bl..10 * bl].iter_mut().enumerate().for_each(|(i, v)| *v = (i as f32 - 16.0) * 0.5);
+            for (b, xs) in x.chunks_exact(bl).enumerate() {
+                let (mut a, mut v) = (vec![0i8; bl], vec![0i8; bl]);
+                let ra = quantize_block(xs, &mut a, false);
+                let rv = quantize_block(xs, &mut v, quant_simd());
+                assert_eq!((ra.0.to_bits(), ra.1), (rv.0.to_bits(), rv.1), "block {b} of {bl}");
+                assert_eq!(a, v, "block {b} of {bl}");
             }
         }
     }
