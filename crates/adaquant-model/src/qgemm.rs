@@ -47,8 +47,9 @@
 //! A 4-byte chunk of activation codes, broadcast to all lanes, then multiplies the same chunk of eight rows in one
 //! `vpdpbusd` (AVX-512 VNNI, unsigned weight codes times signed activations, four products summed into each 32-bit
 //! lane) or `vpmaddubsw` + `vpmaddwd` (AVX2); the unsigned codes' offset (8, 16 or 128) comes off as
-//! `offset · Σq`. The kernels run tiles of four activation rows by sixteen weight rows, one weight block unpacked
-//! for all four rows and one activation broadcast for both groups.
+//! `offset · Σq`. The kernels run tiles of eight activation rows by eight weight rows for the 4- and 5-bit formats
+//! (one weight block unpacked for eight rows) and four by sixteen for Q8_0 (one activation broadcast for two
+//! groups); a single row (decoding) takes sixteen weight rows at a time.
 
 use crate::quant::{dequantize, GgmlType, QK_K};
 use crate::{ModelError, Result};
@@ -711,10 +712,8 @@ mod avx2 {
     use crate::quant::GgmlType;
     use std::arch::x86_64::*;
 
-    /// Activation rows per tile.
-    const RT: usize = 4;
-    /// Groups of eight weight rows per tile.
-    const GT: usize = 2;
+    /// Groups per tile of a single activation row (decoding, and the rows left after whole tiles).
+    const GD: usize = 2;
 
     /// Format ids of the const parameter `F`.
     const F_Q4_0: u8 = 0;
@@ -804,8 +803,9 @@ mod avx2 {
         }
     }
 
-    /// Walks the rectangle in tiles: `GT` groups at a time (then single groups), and for each, `RT` activation
-    /// rows at a time (then single rows). Every element follows the same steps in every tile shape.
+    /// Walks the rectangle in tiles of `RT` activation rows by `GT` groups: eight rows by one group for the
+    /// 4- and 5-bit formats (the unpacked nibbles serve eight rows), four rows by two groups for Q8_0 (nothing to
+    /// unpack, one broadcast serves two groups); measured on SmolLM2's shapes.
     #[inline(always)]
     unsafe fn groups<const F: u8, const V: bool>(
         x: &QuantizedRows,
@@ -814,32 +814,52 @@ mod avx2 {
         rows: Range,
         cols: Range,
     ) {
-        let (g_end, mut g) = (cols.end.div_ceil(GR), cols.start / GR);
+        // SAFETY: the callers' contract.
+        unsafe {
+            if F == F_Q8_0 {
+                walk::<F, V, 4, 2>(x, w, out, rows, cols)
+            } else {
+                walk::<F, V, 8, 1>(x, w, out, rows, cols)
+            }
+        }
+    }
+
+    /// Whole tiles of `RT` rows by `GT` groups (then single groups), then the rows left one at a time by `GD`
+    /// groups (then single groups). Every element follows the same steps in every tile shape.
+    #[inline(always)]
+    unsafe fn walk<const F: u8, const V: bool, const RT: usize, const GT: usize>(
+        x: &QuantizedRows,
+        w: &PackedMatrix,
+        out: *mut f32,
+        rows: Range,
+        cols: Range,
+    ) {
+        let (g_start, g_end) = (cols.start / GR, cols.end.div_ceil(GR));
+        let full = rows.start + (rows.end - rows.start) / RT * RT;
         // SAFETY: the callers' contract covers every tile below (rows and groups in bounds).
         unsafe {
-            while g + GT <= g_end {
-                let mut i = rows.start;
-                while i + RT <= rows.end {
-                    tile::<F, V, RT, GT>(x, w, out, i, g);
-                    i += RT;
-                }
-                while i < rows.end {
-                    tile::<F, V, 1, GT>(x, w, out, i, g);
-                    i += 1;
-                }
-                g += GT;
-            }
+            let mut g = g_start;
             while g < g_end {
-                let mut i = rows.start;
-                while i + RT <= rows.end {
-                    tile::<F, V, RT, 1>(x, w, out, i, g);
-                    i += RT;
+                let wide = g + GT <= g_end;
+                for i in (rows.start..full).step_by(RT) {
+                    if wide {
+                        tile::<F, V, RT, GT>(x, w, out, i, g);
+                    } else {
+                        tile::<F, V, RT, 1>(x, w, out, i, g);
+                    }
                 }
-                while i < rows.end {
+                g += if wide { GT } else { 1 };
+            }
+            for i in full..rows.end {
+                let mut g = g_start;
+                while g + GD <= g_end {
+                    tile::<F, V, 1, GD>(x, w, out, i, g);
+                    g += GD;
+                }
+                while g < g_end {
                     tile::<F, V, 1, 1>(x, w, out, i, g);
-                    i += 1;
+                    g += 1;
                 }
-                g += 1;
             }
         }
     }
@@ -965,11 +985,6 @@ mod avx2 {
                 }
                 for g in 0..G {
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(rec[g] as *const __m128i));
-                    let mw = if min {
-                        _mm256_cvtph_ps(_mm_loadu_si128(rec[g].add(MIN_AT) as *const __m128i))
-                    } else {
-                        _mm256_setzero_ps()
-                    };
                     for r in 0..R {
                         let xb = (i0 + r) * nb + b;
                         let mut p = idot[r][g];
@@ -979,8 +994,19 @@ mod avx2 {
                         // The same f32 product as the scalar `dw * dx`, lane by lane.
                         let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.get_unchecked(xb)));
                         acc[r][g] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(p), acc[r][g]);
-                        if min {
-                            summ[r][g] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*x.s.get_unchecked(xb)), summ[r][g]);
+                    }
+                }
+            }
+            // The minimums' chain is separate from `acc`, so a second pass over the blocks gives the same
+            // values and leaves the registers of the first to the integer dots.
+            if min {
+                for b in 0..nb {
+                    for g in 0..G {
+                        let rec = wd.add(((g0 + g) * nb + b) * rb);
+                        let mw = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(MIN_AT) as *const __m128i));
+                        for r in 0..R {
+                            let xs = _mm256_set1_ps(*x.s.get_unchecked((i0 + r) * nb + b));
+                            summ[r][g] = _mm256_fmadd_ps(mw, xs, summ[r][g]);
                         }
                     }
                 }
