@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use adaquant_cache::{CacheShape, CacheSpec, KvCache, LayerMemory, MemoryReport};
-use adaquant_model::{ForwardOptions, LogitsRange, Model};
+use adaquant_model::{ForwardOptions, LogitsRange, Model, WeightsMode};
 use anyhow::{bail, Context};
 use serde::Serialize;
 
@@ -160,9 +160,14 @@ fn git_rev() -> String {
 
 /// Runs the benchmark and prints its table.
 pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
-    let build = |spec: &str, shape: CacheShape| -> anyhow::Result<Box<dyn KvCache>> {
-        Ok(CacheSpec::parse_arg(spec)?.build(shape)?)
-    };
+    run_modes(a, &[adaquant_model::default_weights_mode()])
+}
+
+/// [`run`] once per weights mode (`adaquant bench --weights packed,f32`), one table for all, in one process.
+pub fn run_modes(a: &BenchArgs, modes: &[WeightsMode]) -> anyhow::Result<()> {
+    if modes.is_empty() {
+        bail!("give at least one --weights mode");
+    }
     if a.reps == 0 {
         bail!("--reps must be at least 1");
     }
@@ -182,15 +187,29 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         // The global pool can be built once per process; a second `bench` call in one process keeps the first.
         let _ = rayon::ThreadPoolBuilder::new().num_threads(t).build_global();
     }
-    let threads = rayon::current_num_threads();
     let path = a.model.clone().unwrap_or_else(adaquant_model::paths::default_model);
     if !path.exists() {
         bail!("model {} not found; run `cargo xtask fetch` for the default model or give --model", path.display());
     }
+    let mut records = Vec::new();
+    for &mode in modes {
+        bench_model(a, &path, mode, &mut records)?;
+    }
+    print!("{}", table(&records));
+    eprintln!("[bench] results appended to {}", a.out.display());
+    Ok(())
+}
+
+/// Every cache and depth of `a` on the model at `path` loaded with `mode`; appends to `records` and `a.out`.
+fn bench_model(a: &BenchArgs, path: &Path, mode: WeightsMode, records: &mut Vec<BenchRecord>) -> anyhow::Result<()> {
+    let build = |spec: &str, shape: CacheShape| -> anyhow::Result<Box<dyn KvCache>> {
+        Ok(CacheSpec::parse_arg(spec)?.build(shape)?)
+    };
+    let threads = rayon::current_num_threads();
     let max_depth = *a.depth.iter().max().unwrap_or(&0);
     let max_len = max_depth + a.pp.max(a.tg) + 1;
     // Build every cache once before any long work, so a bad spec fails at once.
-    let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let model = Model::load_with(path, mode).with_context(|| format!("loading {}", path.display()))?;
     if max_len > model.config.max_seq_len {
         eprintln!(
             "[bench] note: depth {max_depth} + {} tokens is beyond the {} tokens the model was trained for; speed is \
@@ -208,7 +227,6 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let rev = git_rev();
     let fill = tokens(model.config.vocab, max_depth, 0x5eed);
     let prompt = tokens(model.config.vocab, a.pp.max(1), 0xbeef);
-    let mut records = Vec::new();
     for spec in &a.cache {
         for &depth in &a.depth {
             let mut cache = build(spec, model.cache_shape(depth + a.pp.max(a.tg) + 1))?;
@@ -279,8 +297,6 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             records.push(rec);
         }
     }
-    print!("{}", table(&records));
-    eprintln!("[bench] results appended to {}", a.out.display());
     Ok(())
 }
 

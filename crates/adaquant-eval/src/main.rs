@@ -15,11 +15,12 @@ use adaquant_eval::cli;
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// How linear layers compute: `packed` keeps GGUF weights in their block formats (8-bit block activations,
-    /// integer dot products, about 0.6 bytes per Q4 weight); `f32` dequantizes them at load (the reference path,
-    /// and always the path of safetensors checkpoints).
-    #[arg(long, global = true, value_enum, default_value_t = adaquant_model::WeightsMode::F32)]
-    weights: adaquant_model::WeightsMode,
+    /// How linear layers compute: `packed` (the default) keeps GGUF weights in their block formats (8-bit block
+    /// activations, integer dot products, about 0.6 bytes per Q4 weight); `f32` dequantizes them at load (the
+    /// reference path, and always the path of safetensors checkpoints). `bench` takes a comma-separated list
+    /// (`--weights packed,f32`) and measures each in the same process.
+    #[arg(long, global = true, value_enum, value_delimiter = ',', default_value = "packed")]
+    weights: Vec<adaquant_model::WeightsMode>,
 }
 
 #[derive(Subcommand)]
@@ -50,13 +51,17 @@ fn main() -> anyhow::Result<()> {
     // instruction.
     adaquant_kernels::baseline::exit_unless_supported("adaquant");
     let cli = Cli::parse();
-    adaquant_model::set_default_weights_mode(cli.weights);
+    let Some(&first) = cli.weights.first() else { anyhow::bail!("--weights needs a mode: packed or f32") };
+    if cli.weights.len() > 1 && !matches!(cli.command, Command::Bench(_)) {
+        anyhow::bail!("only `bench` takes several --weights modes");
+    }
+    adaquant_model::set_default_weights_mode(first);
     match cli.command {
         Command::Sweep(a) => cli::sweep(&a),
         Command::Analyze(a) => adaquant_analysis::run(&a).map(|out| println!("analysis written to {}", out.display())),
         Command::Generate(a) => adaquant_model::generate::run(&a),
         Command::Ppl(a) => cli::ppl(&a),
         Command::EvalTasks(a) => cli::eval_tasks(&a),
-        Command::Bench(a) => adaquant_eval::bench::run(&a),
+        Command::Bench(a) => adaquant_eval::bench::run_modes(&a, &cli.weights),
     }
 }

@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the forward pass: the batch-invariant product against faer's GEMM (the baseline, same
 //! process) and the plain-loop twin, the packed-weight products (`qgemm`, Q4_1 and Q8_0 blocks with 8-bit block
-//! activations, quantization of the activations included) on the same shapes, and prefill and decode of the
+//! activations, quantization of the activations included) on the same shapes (SmolLM2-135M's projections, one row
+//! and 512 rows, and its output head for one row), and prefill and decode of the
 //! default model through the f32 cache with f32 and packed weights (skipped with a message when the model is absent).
 
 use adaquant_cache::{FullPrecisionCache, KvCache};
@@ -11,27 +12,40 @@ use adaquant_model::quant::GgmlType;
 use adaquant_model::{ForwardOptions, LogitsRange, Model, WeightsMode};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
+/// SmolLM2-135M's projection shapes `(k, m)`: gate/up, q/o, k/v, down; then its tied output head (Q8_0).
+const SHAPES: [(usize, usize); 4] = [(576, 1536), (576, 576), (576, 192), (1536, 576)];
+const HEAD: (usize, usize) = (576, 49152);
+
 fn matmul(c: &mut Criterion) {
     let mut g = c.benchmark_group("matmul_t");
     g.sample_size(10);
-    for &(n, k, m) in &[(1usize, 576usize, 1536usize), (64, 576, 1536), (512, 576, 1536)] {
+    g.warm_up_time(std::time::Duration::from_secs(1));
+    g.measurement_time(std::time::Duration::from_secs(3));
+    let mut cases: Vec<(usize, usize, usize)> = vec![(1, 576, 1536), (64, 576, 1536), (512, 576, 1536)];
+    cases.extend(SHAPES[1..].iter().flat_map(|&(k, m)| [(1, k, m), (512, k, m)]));
+    cases.push((1, HEAD.0, HEAD.1));
+    for &(n, k, m) in &cases {
+        let head = (k, m) == HEAD;
         let x: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
         let w: Vec<f32> = (0..m * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
         let mut out = vec![0.0f32; n * m];
         g.throughput(Throughput::Elements((2 * n * k * m) as u64));
-        g.bench_with_input(BenchmarkId::new("faer", format!("{n}x{k}x{m}")), &(), |b, _| {
-            b.iter(|| matmul_t_faer(&x, n, k, &w, m, &mut out))
-        });
+        if !head {
+            g.bench_with_input(BenchmarkId::new("faer", format!("{n}x{k}x{m}")), &(), |b, _| {
+                b.iter(|| matmul_t_faer(&x, n, k, &w, m, &mut out))
+            });
+        }
         g.bench_with_input(BenchmarkId::new("batch_invariant", format!("{n}x{k}x{m}")), &(), |b, _| {
             b.iter(|| matmul_t(&x, n, k, &w, m, &mut out))
         });
-        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        let types: &[GgmlType] = if head { &[GgmlType::Q8_0] } else { &[GgmlType::Q4_1, GgmlType::Q8_0] };
+        for &ty in types {
             let pm = packed(ty, m, k);
             g.bench_with_input(BenchmarkId::new(format!("packed_{ty:?}"), format!("{n}x{k}x{m}")), &(), |b, _| {
                 b.iter(|| qgemm::linear(&x, n, &pm, &mut out).unwrap())
             });
         }
-        if n <= 64 {
+        if n <= 64 && (k, m) == SHAPES[0] {
             g.bench_with_input(BenchmarkId::new("reference", format!("{n}x{k}x{m}")), &(), |b, _| {
                 b.iter(|| matmul_t_ref(&x, n, k, &w, m, &mut out))
             });

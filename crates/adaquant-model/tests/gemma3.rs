@@ -7,7 +7,7 @@ use adaquant_cache::FullPrecisionCache;
 use adaquant_model::generate::build_cache;
 use adaquant_model::paths::{gemma3_270m, require, wikitext2_test};
 use adaquant_model::perplexity::{perplexity, text_tokens};
-use adaquant_model::{Activation, Arch, ForwardOptions, LogitsRange, Model, RopeScaling};
+use adaquant_model::{Activation, Arch, ForwardOptions, LogitsRange, Model, RopeScaling, WeightsMode};
 
 fn model(test: &str) -> Option<&'static Model> {
     static MODEL: OnceLock<Option<Model>> = OnceLock::new();
@@ -133,6 +133,30 @@ fn decoding_past_the_sliding_window_equals_one_forward() {
         let bytes = |l: usize| mem.layers[l].k_bytes() + mem.layers[l].v_bytes();
         assert!(bytes(0) < bytes(5), "{spec}: local layer 0 holds {} bytes, global layer 5 {}", bytes(0), bytes(5));
         assert_eq!(a.memory(), mem, "{spec}: the same bytes either way");
+    }
+}
+
+/// With packed weights (Q5_0 and Q8_0 on the interleaved kernels, Q4_K and Q6_K on the K-quant path) one forward
+/// over a window equals token-by-token decoding bit for bit too.
+#[test]
+fn packed_forward_equals_token_by_token_decoding() {
+    let test = "packed_forward_equals_token_by_token_decoding";
+    let Some(path) = require(gemma3_270m(), test) else { return };
+    let Some(f) = model(test) else { return };
+    let Some(tokens) = wikitext_tokens(f, test) else { return };
+    let m = Model::load_with(&path, WeightsMode::Packed).expect("Gemma 3 270M loads packed");
+    assert_eq!(m.weights_mode(), WeightsMode::Packed);
+    let toks = &tokens[..48];
+    for spec in ["f32", "k4v2-g32-r16"] {
+        let mut a = build_cache(spec, m.cache_shape(64)).unwrap();
+        let la = m.forward(toks, a.as_mut(), &mut ForwardOptions::new(LogitsRange::All)).unwrap();
+        let mut b = build_cache(spec, m.cache_shape(64)).unwrap();
+        let mut rows = Vec::with_capacity(la.data.len());
+        for &t in toks {
+            rows.extend(m.forward(&[t], b.as_mut(), &mut ForwardOptions::new(LogitsRange::Last)).unwrap().data);
+        }
+        let first = la.data.iter().zip(&rows).position(|(x, y)| x.to_bits() != y.to_bits());
+        assert!(first.is_none(), "{spec}: one forward and decoding differ first at element {first:?}");
     }
 }
 
