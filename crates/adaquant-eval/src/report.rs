@@ -329,7 +329,98 @@ pub fn markdown_table(records: &[PointResult]) -> String {
                  and sinks): the accuracy equals the full-precision cache's by construction. Rerun with `--residual 0`.\n",
             );
         }
+        out.push_str(&summaries(&rs_all(records, &s)));
         out.push('\n');
+    }
+    out
+}
+
+/// The records of one settings group, in file order.
+fn rs_all<'a>(records: &'a [PointResult], s: &Settings) -> Vec<&'a PointResult> {
+    records.iter().filter(|r| Settings::of(r) == *s).collect()
+}
+
+/// Packed-bits budgets of the "lowest KL within a budget" summary.
+const BUDGETS: [f64; 5] = [2.5, 3.0, 3.5, 4.0, 4.5];
+
+/// Two summaries under a group's table, when its points allow them:
+/// - per quantizer family, whether the key-favoured split of each unequal fixed pair (`KaVb` against `KbVa`, `a > b`)
+///   has the lower KL, and the median ratio of the two KLs;
+/// - the lowest-KL point within each packed-bits budget (packed bits: codes and metadata of the quantized history;
+///   bits/elt: the whole cache, exact window included).
+pub fn summaries(rs: &[&PointResult]) -> String {
+    let mut out = String::new();
+    let fixed: Vec<&&PointResult> = rs.iter().filter(|r| r.policy == "fixed").collect();
+    let mut families: Vec<String> = fixed.iter().map(|r| family(r)).collect();
+    families.sort();
+    families.dedup();
+    let mut lines = Vec::new();
+    for f in &families {
+        let of: Vec<&&&PointResult> = fixed.iter().filter(|r| family(r) == *f).collect();
+        let find = |k: f64, v: f64| of.iter().find(|r| r.k_bits == k && r.v_bits == v);
+        let (mut wins, mut ratios) = (0usize, Vec::new());
+        for a in &of {
+            if a.k_bits <= a.v_bits {
+                continue;
+            }
+            if let Some(b) = find(a.v_bits, a.k_bits) {
+                wins += usize::from(a.kl_mean < b.kl_mean);
+                ratios.push(b.kl_mean / a.kl_mean.max(1e-12));
+            }
+        }
+        if ratios.is_empty() {
+            continue;
+        }
+        ratios.sort_by(f64::total_cmp);
+        let median = ratios[ratios.len() / 2];
+        lines.push(format!(
+            "| {f} | {wins} of {} | {median:.1}x | {:.1}x to {:.1}x |",
+            ratios.len(),
+            ratios[0],
+            ratios[ratios.len() - 1]
+        ));
+    }
+    if !lines.is_empty() {
+        out.push_str(
+            "\nKey- against value-favoured splits (`KaVb` against `KbVa`, `a > b`, same family and layout): how often \
+             the key-favoured split has the lower KL, and the KL of the value-favoured split over the key-favoured \
+             one.\n\n| family | key-favoured lower | median KL ratio | range |\n| --- | ---: | ---: | ---: |\n",
+        );
+        for l in lines {
+            out.push_str(&l);
+            out.push('\n');
+        }
+    }
+    let quantized: Vec<&&PointResult> =
+        rs.iter().filter(|r| r.policy != "full" && r.packed_bits > 0.0 && r.packed_bits < 16.0).collect();
+    let mut rows = Vec::new();
+    for b in BUDGETS {
+        let best = quantized
+            .iter()
+            .filter(|r| r.packed_bits <= b + 1e-9)
+            .min_by(|x, y| x.kl_mean.total_cmp(&y.kl_mean).then(x.packed_bits.total_cmp(&y.packed_bits)));
+        if let Some(r) = best {
+            rows.push(format!(
+                "| {b} | {} | {} | {:.3} | {:.3} | {:.5} | {:.3} |",
+                r.name,
+                family(r),
+                r.packed_bits,
+                r.bits_per_element,
+                r.kl_mean,
+                r.ppl
+            ));
+        }
+    }
+    if quantized.len() > 1 && !rows.is_empty() {
+        out.push_str(
+            "\nLowest KL within a budget of packed bits per element (codes and metadata of the quantized history; \
+             bits/elt counts the whole cache, exact window included).\n\n| packed bits at most | config | family | \
+             packed bits | bits/elt | KL mean | PPL |\n| ---: | --- | --- | ---: | ---: | ---: | ---: |\n",
+        );
+        for l in rows {
+            out.push_str(&l);
+            out.push('\n');
+        }
     }
     out
 }
@@ -578,6 +669,38 @@ mod tests {
             model: "m".into(),
             ..Default::default()
         }
+    }
+
+    /// The split summary counts each family's unequal pairs apart, and the budget summary picks the lowest KL at
+    /// or under each budget, whatever the family.
+    #[test]
+    fn summaries_compare_splits_per_family_and_pick_the_best_within_a_budget() {
+        let point = |name: &str, q: &str, k: f64, v: f64, kl: f64, packed: f64| {
+            let mut r = rec(name, "fixed", k, v, 20.0 + kl, kl, packed + 7.0);
+            r.quantizer = q.into();
+            r.packed_bits = packed;
+            r
+        };
+        let rs = vec![
+            rec("full", "full", 16.0, 16.0, 20.0, 0.0, 32.0),
+            point("K4V2", "minmax", 4.0, 2.0, 0.05, 3.5),
+            point("K2V4", "minmax", 2.0, 4.0, 1.0, 3.5),
+            point("K3V2", "minmax", 3.0, 2.0, 0.1, 3.0),
+            point("K2V3", "minmax", 2.0, 3.0, 1.2, 3.0),
+            point("K4V2 rot-lloyd", "rot-lloyd", 4.0, 2.0, 0.04, 3.25),
+            point("K2V4 rot-lloyd", "rot-lloyd", 2.0, 4.0, 0.02, 3.25),
+            point("K2V2 rot-lloyd", "rot-lloyd", 2.0, 2.0, 0.09, 2.25),
+        ];
+        let refs: Vec<&PointResult> = rs.iter().collect();
+        let s = summaries(&refs);
+        assert!(s.contains("| minmax | 2 of 2 | 20.0x | 12.0x to 20.0x |"), "{s}");
+        assert!(s.contains("| rot-lloyd | 0 of 1 | 0.5x | 0.5x to 0.5x |"), "{s}");
+        assert!(s.contains("| 2.5 | K2V2 rot-lloyd | rot-lloyd | 2.250 |"), "{s}");
+        assert!(s.contains("| 3 | K2V2 rot-lloyd |"), "{s}");
+        assert!(s.contains("| 3.5 | K2V4 rot-lloyd | rot-lloyd | 3.250 |"), "{s}");
+        assert!(markdown_table(&rs).contains(&s), "the table carries the summaries");
+        // One quantized point and no pairs: nothing to summarise.
+        assert_eq!(summaries(&refs[..2]), "");
     }
 
     #[test]
