@@ -555,7 +555,8 @@ pub fn write_report(records: &[PointResult], dir: &Path) -> Result<ReportFiles> 
         let families: Vec<String> = quantized.iter().map(|r| family(r)).collect::<BTreeSet<_>>().into_iter().collect();
         if quantized.len() >= 2 {
             let chart = Scatter {
-                title: format!("mean KL vs packed bits per element, every quantizer ({sub})"),
+                title: "mean KL vs packed bits per element, every quantizer".into(),
+                subtitle: sub.to_string(),
                 x_label: "packed bits per K/V element (codes and metadata; exact window left out)".into(),
                 y_label: "mean KL".into(),
                 points: quantized
