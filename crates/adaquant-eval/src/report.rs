@@ -269,7 +269,7 @@ pub fn markdown_table(records: &[PointResult]) -> String {
         let _ = writeln!(out, "{head}\n{rule}");
         let mut footnote = false;
         let mut unquantized_rows = false;
-        for r in rs {
+        for r in &rs {
             let dppl = base.map_or("-".into(), |b| format!("{:+.3}", r.ppl - b));
             let quantized = match quantized_scored(r) {
                 None => "-".to_string(),
@@ -329,15 +329,10 @@ pub fn markdown_table(records: &[PointResult]) -> String {
                  and sinks): the accuracy equals the full-precision cache's by construction. Rerun with `--residual 0`.\n",
             );
         }
-        out.push_str(&summaries(&rs_all(records, &s)));
+        out.push_str(&summaries(&rs));
         out.push('\n');
     }
     out
-}
-
-/// The records of one settings group, in file order.
-fn rs_all<'a>(records: &'a [PointResult], s: &Settings) -> Vec<&'a PointResult> {
-    records.iter().filter(|r| Settings::of(r) == *s).collect()
 }
 
 /// Packed-bits budgets of the "lowest KL within a budget" summary.
@@ -351,12 +346,15 @@ const BUDGETS: [f64; 5] = [2.5, 3.0, 3.5, 4.0, 4.5];
 pub fn summaries(rs: &[&PointResult]) -> String {
     let mut out = String::new();
     let fixed: Vec<&&PointResult> = rs.iter().filter(|r| r.policy == "fixed").collect();
-    let mut families: Vec<String> = fixed.iter().map(|r| family(r)).collect();
-    families.sort();
-    families.dedup();
+    // Splits are compared within one family and one layout (group size, axes, exact window, sinks); the layout is
+    // named only when a family comes in several.
+    let mut keys: Vec<(String, String)> = fixed.iter().map(|r| (family(r), layout(r))).collect();
+    keys.sort();
+    keys.dedup();
     let mut lines = Vec::new();
-    for f in &families {
-        let of: Vec<&&&PointResult> = fixed.iter().filter(|r| family(r) == *f).collect();
+    for (f, l) in &keys {
+        let of: Vec<&&&PointResult> = fixed.iter().filter(|r| family(r) == *f && layout(r) == *l).collect();
+        let name = if keys.iter().filter(|(g, _)| g == f).count() > 1 { format!("{f}, {l}") } else { f.clone() };
         let find = |k: f64, v: f64| of.iter().find(|r| r.k_bits == k && r.v_bits == v);
         let (mut wins, mut ratios) = (0usize, Vec::new());
         for a in &of {
@@ -374,7 +372,7 @@ pub fn summaries(rs: &[&PointResult]) -> String {
         ratios.sort_by(f64::total_cmp);
         let median = ratios[ratios.len() / 2];
         lines.push(format!(
-            "| {f} | {wins} of {} | {median:.1}x | {:.1}x to {:.1}x |",
+            "| {name} | {wins} of {} | {median:.1}x | {:.1}x to {:.1}x |",
             ratios.len(),
             ratios[0],
             ratios[ratios.len() - 1]
@@ -700,6 +698,15 @@ mod tests {
         assert!(s.contains("| 3 | K2V2 rot-lloyd |"), "{s}");
         assert!(s.contains("| 3.5 | K2V4 rot-lloyd | rot-lloyd | 3.250 |"), "{s}");
         assert!(markdown_table(&rs).contains(&s), "the table carries the summaries");
+        // A pair split across two layouts is not compared; each layout is named once a family has two.
+        let mut other = point("K2V4", "minmax", 2.0, 4.0, 0.01, 3.5);
+        other.group_size = 32;
+        let mut two = rs.clone();
+        two.push(other);
+        let refs2: Vec<&PointResult> = two.iter().collect();
+        let s2 = summaries(&refs2);
+        assert!(s2.contains("| minmax, g64 tok/tok r128 | 2 of 2 | 20.0x |"), "{s2}");
+        assert!(!s2.contains("g32"), "a family-layout with no pair has no row: {s2}");
         // One quantized point and no pairs: nothing to summarise.
         assert_eq!(summaries(&refs[..2]), "");
     }
