@@ -59,11 +59,9 @@ struct HeadSide {
     /// `[min(tokens, sinks)][head_dim]`.
     sink: Vec<f32>,
     packed: Option<PackedStream>,
-    /// Tokens dropped from the front of `packed` (a sliding-window layer): it holds stream tokens
-    /// `packed_base..`, stream token `i` being position `sinks + i`.
-    packed_base: usize,
-    /// Tokens of this side freed by a sliding window: `packed_base` for a quantized side, tail tokens for an
-    /// unquantized one.
+    /// Tokens of this side freed by a sliding window: for a quantized side, tokens dropped from the front of
+    /// `packed` (it holds stream tokens `dropped..`, stream token `i` being position `sinks + i`); for an
+    /// unquantized one, tail tokens.
     dropped: usize,
     /// `[dead + live][head_dim]`; the first `dead` tokens were flushed into `packed` (or, for an unquantized side of
     /// a sliding-window layer, dropped) and are no longer held.
@@ -226,7 +224,6 @@ impl QuantizedCache {
                     Ok(HeadSide {
                         sink: Vec::with_capacity(config.sinks.min(shape.max_seq_len) * d),
                         packed: p.spec().map(|s| PackedStream::with_capacity(*s, d, room)).transpose()?,
-                        packed_base: 0,
                         dropped: 0,
                         tail: Vec::with_capacity((config.residual + INITIAL_TOKENS).min(shape.max_seq_len) * d),
                         dead: 0,
@@ -351,21 +348,21 @@ impl QuantizedCache {
             let attend_at = |i: usize, qi: &[f32], oi: &mut [f32], serial: bool| -> Result<()> {
                 let t = t0 + i + 1;
                 let lo = shape.window_start(layer, t - 1);
-                let plans: Vec<(SideRead, SideRead)> = kh
+                // Each head's reads with their leads (empty, and unallocated, unless the window starts inside a
+                // packed block), owned here so the heads can borrow them.
+                let reads: Vec<HeadRead> = kh
                     .iter()
                     .zip(vh)
-                    .map(|(ks, vs)| plan((&prec.k, &prec.v), (ks, vs), t, lo, residual, sinks, d))
-                    .collect();
-                let scratch: Vec<(Vec<f32>, Vec<f32>)> = kh
-                    .iter()
-                    .zip(vh)
-                    .zip(&plans)
-                    .map(|((ks, vs), (pk, pv))| Ok((pk.lead(ks, d)?, pv.lead(vs, d)?)))
+                    .map(|(ks, vs)| {
+                        let (pk, pv) = plan((&prec.k, &prec.v), (ks, vs), t, lo, residual, sinks, d);
+                        let leads = (pk.lead(ks, d)?, pv.lead(vs, d)?);
+                        Ok(((pk, pv), leads))
+                    })
                     .collect::<Result<_>>()?;
                 let heads: Vec<HeadKv<'_>> = kh
                     .iter()
                     .zip(vh)
-                    .zip(plans.iter().zip(&scratch))
+                    .zip(&reads)
                     .map(|((ks, vs), ((pk, pv), (sk, sv)))| {
                         Ok(HeadKv {
                             sink_k: pk.exact_head(ks, sk, d),
@@ -531,9 +528,8 @@ fn slide(
     for s in heads {
         match &mut s.packed {
             Some(stream) => {
-                if gone > s.packed_base {
-                    stream.drop_front(gone - s.packed_base)?;
-                    s.packed_base = gone;
+                if gone > s.dropped {
+                    stream.drop_front(gone - s.dropped)?;
                     s.dropped = gone;
                 }
             }
@@ -567,6 +563,9 @@ struct SideRead {
     tail: std::ops::Range<usize>,
 }
 
+/// One KV head's key and value reads by one query, with their leads (see [`SideRead::lead`]).
+type HeadRead = ((SideRead, SideRead), (Vec<f32>, Vec<f32>));
+
 /// The reads of one KV head's keys and values by the query that sees positions `lo..t` (`lo` = 0 unless the layer
 /// slides).
 #[allow(clippy::too_many_arguments)]
@@ -584,7 +583,7 @@ fn plan(
     let sides = [(prec.0, held.0), (prec.1, held.1)];
     let split = sides.map(|(p, _)| side_split(p, t, residual, sinks));
     // The first stream token at or after `first` where both sides can be cut: a multiple of each side's
-    // alignment, or past its packed tokens. (The packed bases are multiples of the alignments.)
+    // alignment, or past its packed tokens. (The dropped stream tokens are multiples of the alignments.)
     let fits = |c: usize| {
         sides
             .iter()
@@ -596,7 +595,8 @@ fn plan(
         cut += 1;
     }
     let read = |(_, s): (&Precision, &HeadSide), (ns, q, _): (usize, usize, usize)| -> SideRead {
-        let pb = s.packed_base;
+        // Stream tokens dropped (an unquantized side has no stream, and its drops are tail tokens).
+        let pb = if s.packed.is_some() { s.dropped } else { 0 };
         let tail_at = |from: usize, to: usize| {
             if from >= to {
                 0..0
@@ -710,7 +710,6 @@ impl KvCache for QuantizedCache {
                 s.tail.clear();
                 s.dead = 0;
                 s.tail_base = l.sinks;
-                s.packed_base = 0;
                 s.dropped = 0;
                 if let Some(p) = &mut s.packed {
                     p.clear();
