@@ -1,7 +1,9 @@
 //! Runs one decode-attention configuration in a loop, for profiling (`perf record`) and quick timing.
 //!
-//! Usage: `cargo run --release -p adaquant-kernels --example attn_profile -- [kbits] [vbits] [ctx] [n_q] [n_kv] [d]`.
-//! Keys are quantized per channel and values per token, group 64, f16 metadata. One thread
+//! Usage: `cargo run --release -p adaquant-kernels --example attn_profile -- [kbits] [vbits] [ctx] [n_q] [n_kv] [d]
+//! [channel|token]`.
+//! Keys are quantized per channel (or per token with `token`) and values per token, group 64, f16 metadata; the key
+//! kernel (`exact` or `int`, see `AttnKernel`; `ADAQUANT_ATTN=exact` forces the f32 one) is printed. One thread
 //! (`decode_attention_serial`). Prints the median time of one decode step of one layer, for the packed kernel and
 //! for the f16 baseline over the same shape, and the single-threaded copy bandwidth measured in the same process
 //! (256 MiB buffers, bytes read plus bytes written).
@@ -37,7 +39,8 @@ fn main() -> Result<(), adaquant_kernels::Error> {
     let n_q: usize = arg(3, "9").parse().unwrap_or(9);
     let n_kv: usize = arg(4, "3").parse().unwrap_or(3);
     let d: usize = arg(5, "64").parse().unwrap_or(64);
-    let ks = QuantSpec::new(kb, 64, GroupAxis::PerChannel);
+    let kaxis = if arg(6, "channel").starts_with('t') { GroupAxis::PerToken } else { GroupAxis::PerChannel };
+    let ks = QuantSpec::new(kb, 64, kaxis);
     let vs = QuantSpec::new(vb, 64, GroupAxis::PerToken);
     // A cheap deterministic pseudo-random sequence is enough for timing.
     let data = |seed: usize, n: usize| -> Vec<f32> {
@@ -84,8 +87,9 @@ fn main() -> Result<(), adaquant_kernels::Error> {
     let copy = 2.0 * n as f64 / tc / 1e9;
     let gbs = bytes as f64 / t / 1e9;
     println!(
-        "K{kb}V{vb} ctx={ctx} ({n_q},{n_kv},{d}) simd={}: {:.3} ms, {:.2} GB/s over {bytes} packed bytes ({:.0}% of copy \
+        "K{kb}V{vb} keys {kaxis} ({} kernel) ctx={ctx} ({n_q},{n_kv},{d}) simd={}: {:.3} ms, {:.2} GB/s over {bytes} packed bytes ({:.0}% of copy \
          bandwidth {copy:.1} GB/s); f16 baseline {:.3} ms ({:.2} GB/s); speed-up over f16 {:.2}x",
+        adaquant_kernels::attn::key_kernel_for(&ks, d).name(),
         adaquant_kernels::simd::active().name(),
         t * 1e3,
         gbs,

@@ -32,6 +32,7 @@ struct Scratch {
     acc: Vec<f32>,
     tmp: Vec<f32>,
     codes: Vec<u8>,
+    iq: intdot::IntQuery,
 }
 
 thread_local! {
@@ -359,3 +360,12 @@ mod generic {
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod codebook;
+mod intdot;
+
+/// Whether keys of `spec` go to the integer-dot kernel now (see [`crate::attn::AttnKernel`]).
+pub(crate) fn int_keys(spec: &crate::format::QuantSpec, head_dim: usize) -> bool {
+    crate::attn::attn_kernel() == crate::attn::AttnKernel::IntDot
+        && simd::active() >= SimdLevel::Avx512
+        && intdot::vnni()
+        && intdot::takes_spec(spec, head_dim)
+}

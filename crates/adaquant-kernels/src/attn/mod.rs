@@ -17,6 +17,76 @@ use crate::quant::{check_finite, MetaView, PackedView};
 
 pub use reference::attention_ref;
 
+/// How the fused kernel scores packed per-token min-max keys.
+///
+/// `IntDot` (the default where the CPU has AVX-512 VNNI) quantizes the scaled query to 8 bits per key group once
+/// per step and multiplies the key codes in integer arithmetic (`vpdpbusd`), as llama.cpp does for its quantized
+/// K cache; per group its score error is at most `scale * dq / 2 * sum |code - max_code / 2|`, with
+/// `dq = max|q_g| / 127`. `Exact` is the f32 kernel (the reference the fused kernel is tested against to 1e-5).
+/// Keys it does not take (per-channel groups, Lloyd-Max levels, 1.58-, 3-, 5- and 6-bit codes, groups that do not
+/// fill 16-byte chunks) and CPUs without VNNI use `Exact` whatever the setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttnKernel {
+    /// f32 products of the query with every code.
+    Exact,
+    /// 8-bit query per key group, integer products with the codes.
+    IntDot,
+}
+
+impl AttnKernel {
+    /// Stable lower-case name (`exact`, `int`), as `ADAQUANT_ATTN` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttnKernel::Exact => "exact",
+            AttnKernel::IntDot => "int",
+        }
+    }
+}
+
+/// 0: not yet read from the environment; 1: exact; 2: int.
+static ATTN_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The key-score kernel in force: [`set_attn_kernel`]'s choice, else `ADAQUANT_ATTN` (`exact` or `int`; unset or
+/// anything else: `int`).
+pub fn attn_kernel() -> AttnKernel {
+    use std::sync::atomic::Ordering;
+    let mut v = ATTN_KERNEL.load(Ordering::Relaxed);
+    if v == 0 {
+        let from_env = match std::env::var("ADAQUANT_ATTN").ok().as_deref().map(str::trim) {
+            Some("exact") => 1,
+            _ => 2,
+        };
+        // Another thread may have chosen meanwhile; keep its choice.
+        let _ = ATTN_KERNEL.compare_exchange(0, from_env, Ordering::Relaxed, Ordering::Relaxed);
+        v = ATTN_KERNEL.load(Ordering::Relaxed);
+    }
+    if v == 1 {
+        AttnKernel::Exact
+    } else {
+        AttnKernel::IntDot
+    }
+}
+
+/// Chooses the key-score kernel for the whole process (`None`: back to `ADAQUANT_ATTN`).
+pub fn set_attn_kernel(kernel: Option<AttnKernel>) {
+    let v = match kernel {
+        None => 0,
+        Some(AttnKernel::Exact) => 1,
+        Some(AttnKernel::IntDot) => 2,
+    };
+    ATTN_KERNEL.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The kernel that scores keys of this spec on this CPU now: `IntDot` only where [`attn_kernel`] asks for it, the
+/// keys qualify and the CPU has AVX-512 VNNI at the active SIMD level.
+pub fn key_kernel_for(spec: &crate::format::QuantSpec, head_dim: usize) -> AttnKernel {
+    if cpu::int_keys(spec, head_dim) {
+        AttnKernel::IntDot
+    } else {
+        AttnKernel::Exact
+    }
+}
+
 /// Everything one KV head holds, in position order: keys = `sink_k ++ k (packed) ++ tail_k`; values =
 /// `sink_v ++ v (packed) ++ tail_v`. Exact parts are `[tokens][head_dim]` f32. K and V may have different
 /// packed/tail splits (for example per-channel keys flush in blocks of G tokens, per-token values token by token)
