@@ -162,70 +162,77 @@ fn every_bit_pair_and_layout_at_every_simd_level() {
     set_simd_override(None);
 }
 
-/// The integer-dot key kernel: every output element within the bound its score error implies. With each score
-/// off by at most `e` (per token and group: `scale * dq / 2 * sum |code - max_code / 2|`, `dq = max|q_g| / 127`,
-/// summed over groups), every softmax weight moves by at most `p_t (exp(2 e) - 1)`, so every output element by at
+/// The integer-dot key kernels: every output element within the bound its score error implies. With each score
+/// off by at most `e` (per token and group: `scale * dq / 2 * sum |code - max_code / 2|`, `dq = max|q_g| / 127`
+/// for the 8-bit query and `max|q_g| / 16256` for the two-digit one, summed over groups), every softmax weight moves by at most `p_t (exp(2 e) - 1)`, so every output element by at
 /// most `(exp(2 e) - 1) max |v|`. Also: rayon equals serial, and the kernel is really in use.
 #[test]
 fn int_dot_keys_stay_within_their_bound() {
     let _lock = lock();
-    set_attn_kernel(Some(AttnKernel::IntDot));
     let mut rng = common::rng(23);
     let mut used = 0;
-    for (kb, g) in [(Bits::B4, 64), (Bits::B4, 32), (Bits::B2, 64), (Bits::B8, 16), (Bits::B8, 64), (Bits::B1, 128)] {
-        for (d, gqa, sink, ctx, tail) in
-            [(64, 3, 0, 97, 0), (128, 4, 4, 1000, 37), (128, 1, 0, 15, 5), (64, 5, 1, 33, 0)]
+    for (kernel, qmax) in [(AttnKernel::IntDot8, 127.0), (AttnKernel::IntDot, 16256.0)] {
+        set_attn_kernel(Some(kernel));
+        for (kb, g) in [(Bits::B4, 64), (Bits::B4, 32), (Bits::B2, 64), (Bits::B8, 16), (Bits::B8, 64), (Bits::B1, 128)]
         {
-            if g > d {
-                continue;
-            }
-            let kspec = QuantSpec::new(kb, g, GroupAxis::PerToken);
-            let vspec = QuantSpec::new(Bits::B2, 64, GroupAxis::PerToken);
-            if key_kernel_for(&kspec, d) == AttnKernel::IntDot {
-                used += 1;
-            }
-            let n_kv = 2;
-            let heads: Vec<Head> = (0..n_kv).map(|_| Head::new(&mut rng, kspec, vspec, d, sink, ctx, tail)).collect();
-            let kv: Vec<HeadKv<'_>> = heads.iter().map(Head::kv).collect();
-            let n_q = n_kv * gqa;
-            let q = common::gaussian(&mut rng, n_q * d, 1.0);
-            let scale = 1.0 / (d as f32).sqrt();
-            let mut got = vec![0f32; n_q * d];
-            decode_attention(&q, &kv, d, scale, &mut got).unwrap();
-            let mut serial = vec![0f32; n_q * d];
-            decode_attention_serial(&q, &kv, d, scale, &mut serial).unwrap();
-            assert_eq!(serial, got, "serial differs from rayon");
-            for (h, head) in heads.iter().enumerate() {
-                let (ks, vs) = head.dequantized(d);
-                let stream = head.k.as_ref().unwrap();
-                let mut codes = vec![0u8; stream.tokens() * d];
-                unpack_ref(kb, stream.view().codes, stream.tokens() * d, &mut codes).unwrap();
-                let view = stream.view();
-                let ng = d / g;
-                let center = kb.max_code() as f64 / 2.0;
-                for r in 0..gqa {
-                    let qh = &q[(h * gqa + r) * d..(h * gqa + r + 1) * d];
-                    let mut want = vec![0f32; d];
-                    attention_ref(qh, &[&ks], &[&vs], d, scale, &mut want).unwrap();
-                    let mut e = 0f64;
-                    for t in 0..stream.tokens() {
-                        let mut et = 0f64;
-                        for gi in 0..ng {
-                            let amax =
-                                qh[gi * g..(gi + 1) * g].iter().fold(0f64, |m, &x| m.max((x * scale).abs() as f64));
-                            let dev: f64 = codes[t * d + gi * g..t * d + (gi + 1) * g]
-                                .iter()
-                                .map(|&c| (c as f64 - center).abs())
-                                .sum();
-                            et += view.scales.get(t * ng + gi) as f64 * amax / 254.0 * dev;
+            for (d, gqa, sink, ctx, tail) in
+                [(64, 3, 0, 97, 0), (128, 4, 4, 1000, 37), (128, 1, 0, 15, 5), (64, 5, 1, 33, 0)]
+            {
+                if g > d {
+                    continue;
+                }
+                let kspec = QuantSpec::new(kb, g, GroupAxis::PerToken);
+                let vspec = QuantSpec::new(Bits::B2, 64, GroupAxis::PerToken);
+                if key_kernel_for(&kspec, d) == kernel {
+                    used += 1;
+                }
+                let n_kv = 2;
+                let heads: Vec<Head> =
+                    (0..n_kv).map(|_| Head::new(&mut rng, kspec, vspec, d, sink, ctx, tail)).collect();
+                let kv: Vec<HeadKv<'_>> = heads.iter().map(Head::kv).collect();
+                let n_q = n_kv * gqa;
+                let q = common::gaussian(&mut rng, n_q * d, 1.0);
+                let scale = 1.0 / (d as f32).sqrt();
+                let mut got = vec![0f32; n_q * d];
+                decode_attention(&q, &kv, d, scale, &mut got).unwrap();
+                let mut serial = vec![0f32; n_q * d];
+                decode_attention_serial(&q, &kv, d, scale, &mut serial).unwrap();
+                assert_eq!(serial, got, "serial differs from rayon");
+                for (h, head) in heads.iter().enumerate() {
+                    let (ks, vs) = head.dequantized(d);
+                    let stream = head.k.as_ref().unwrap();
+                    let mut codes = vec![0u8; stream.tokens() * d];
+                    unpack_ref(kb, stream.view().codes, stream.tokens() * d, &mut codes).unwrap();
+                    let view = stream.view();
+                    let ng = d / g;
+                    let center = kb.max_code() as f64 / 2.0;
+                    for r in 0..gqa {
+                        let qh = &q[(h * gqa + r) * d..(h * gqa + r + 1) * d];
+                        let mut want = vec![0f32; d];
+                        attention_ref(qh, &[&ks], &[&vs], d, scale, &mut want).unwrap();
+                        let mut e = 0f64;
+                        for t in 0..stream.tokens() {
+                            let mut et = 0f64;
+                            for gi in 0..ng {
+                                let amax =
+                                    qh[gi * g..(gi + 1) * g].iter().fold(0f64, |m, &x| m.max((x * scale).abs() as f64));
+                                let dev: f64 = codes[t * d + gi * g..t * d + (gi + 1) * g]
+                                    .iter()
+                                    .map(|&c| (c as f64 - center).abs())
+                                    .sum();
+                                et += view.scales.get(t * ng + gi) as f64 * amax / qmax / 2.0 * dev;
+                            }
+                            e = e.max(et);
                         }
-                        e = e.max(et);
+                        let vmax = vs.iter().fold(0f64, |m, &x| m.max(x.abs() as f64));
+                        let bound = ((2.0 * e).exp() - 1.0) * vmax + 1e-5 * vmax;
+                        let out = &got[(h * gqa + r) * d..(h * gqa + r + 1) * d];
+                        let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+                        assert!(
+                            worst <= bound,
+                            "{kernel:?} K{kb} g{g} d{d} gqa{gqa} ctx{ctx}: error {worst:e} above {bound:e}"
+                        );
                     }
-                    let vmax = vs.iter().fold(0f64, |m, &x| m.max(x.abs() as f64));
-                    let bound = ((2.0 * e).exp() - 1.0) * vmax + 1e-5 * vmax;
-                    let out = &got[(h * gqa + r) * d..(h * gqa + r + 1) * d];
-                    let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
-                    assert!(worst <= bound, "K{kb} g{g} d{d} gqa{gqa} ctx{ctx}: error {worst:e} above {bound:e}");
                 }
             }
         }

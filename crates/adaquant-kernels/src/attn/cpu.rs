@@ -362,10 +362,17 @@ mod avx2;
 mod codebook;
 mod intdot;
 
-/// Whether keys of `spec` go to the integer-dot kernel now (see [`crate::attn::AttnKernel`]).
-pub(crate) fn int_keys(spec: &crate::format::QuantSpec, head_dim: usize) -> bool {
-    crate::attn::attn_kernel() == crate::attn::AttnKernel::IntDot
-        && simd::active() >= SimdLevel::Avx512
-        && intdot::vnni()
-        && intdot::takes_spec(spec, head_dim)
+/// The query digits of the integer-dot kernel that scores keys of `spec` now, 0 for the exact kernel (see
+/// [`crate::attn::AttnKernel`]).
+pub(crate) fn int_keys(spec: &crate::format::QuantSpec, head_dim: usize) -> usize {
+    let digits = match crate::attn::attn_kernel() {
+        crate::attn::AttnKernel::Exact => return 0,
+        crate::attn::AttnKernel::IntDot8 => 1,
+        crate::attn::AttnKernel::IntDot => 2,
+    };
+    if simd::active() >= SimdLevel::Avx512 && intdot::vnni() && intdot::takes_spec(spec, head_dim) {
+        digits
+    } else {
+        0
+    }
 }

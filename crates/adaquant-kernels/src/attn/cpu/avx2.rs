@@ -188,8 +188,9 @@ pub(super) fn attend_head(q: &[f32], head: &HeadKv<'_>, d: usize, scale: f32, ou
         pos,
     );
     if let Some(k) = &head.k {
-        if super::int_keys(&k.spec, d) {
-            super::intdot::prepare(&s.qq, d, k, &mut s.iq);
+        let digits = super::int_keys(&k.spec, d);
+        if digits > 0 {
+            super::intdot::prepare(&s.qq, d, k, digits, &mut s.iq);
             // SAFETY: `int_keys` checked AVX-512 VNNI, and the view was checked by the caller.
             unsafe { super::intdot::keys_pt(&mut s.iq, k, n_rep, &mut s.scores, t_all, pos) };
         } else if k.spec.is_codebook() {

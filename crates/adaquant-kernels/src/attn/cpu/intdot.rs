@@ -1,10 +1,16 @@
 //! Integer-dot scores for packed per-token min-max keys.
 //!
-//! The scaled query is quantized once per call to 8 bits per key group (`dq = max|q| / 127`, round half to even,
-//! as llama.cpp quantizes the query for its 8-bit K cache), and each token's key codes are multiplied with it in
-//! integer arithmetic: `vpdpbusd` (unsigned codes times signed query codes, four products per 32-bit lane) on
-//! AVX-512 VNNI. With `I = sum_c qi_c code_c`, `S = sum_c qi_c` and `C = max_code` (so `C / 2` is the middle code),
-//! a token's score is, per group `g` and in this order of f32 operations,
+//! The scaled query is quantized once per call per key group, round half to even, and each token's key codes are
+//! multiplied with it in integer arithmetic: `vpdpbusd` (unsigned codes times signed 8-bit query digits, four
+//! products per 32-bit lane) on AVX-512 VNNI. Two precisions:
+//! - one digit: `qi = round(q / dq)`, `dq = max|q| / 127`, as llama.cpp quantizes the query for its 8-bit K cache;
+//! - two digits (the default): `qi = round(q / dq)`, `dq = max|q| / 16256`, split as `qi = 128 hi + lo` with
+//!   `lo` in `-64..64` and `hi` in `-127..=127`; two `vpdpbusd` per code register, and `I = 128 I_hi + I_lo`.
+//!   On SmolLM2 the one-digit query moved the next-token distributions of a K4V2 cache by a mean KL of 8e-4
+//!   against the exact kernel; the two-digit one by less than what reordering f32 sums does.
+//!
+//! With `I = sum_c qi_c code_c`, `S = sum_c qi_c` and `C = max_code` (so `C / 2` is the middle code), a token's
+//! score is, per group `g` and in this order of f32 operations,
 //!
 //! ```text
 //! x   = (2 I - C S) as f32 * (dq / 2)              // q . (code - C/2), query rounded
@@ -17,7 +23,7 @@
 //! rest; the error against the exact kernel is at most `scale_tg * dq / 2 * sum_c |code_c - C/2|` per group.
 //!
 //! The vector kernel handles widths 1, 2, 4 and 8 whose groups fill whole 16-byte chunks (`group * bits` a
-//! multiple of 128). It takes sixteen tokens at a time as four steps of four: step `s` puts the chunk of tokens
+//! multiple of 128); the attention uses it for 4 and 8 bits ([`takes_spec`] says why). It takes sixteen tokens at a time as four steps of four: step `s` puts the chunk of tokens
 //! `s, s + 4, s + 8, s + 12` in the four 128-bit lanes of one register, so after `vpdpbusd` each lane holds four
 //! partial sums of one token and a three-level transpose-and-add leaves the sixteen tokens' sums in natural
 //! order. Codes of a byte are split by shift and mask into `8 / B` registers (code `k` of each byte); the query
@@ -33,15 +39,18 @@ use crate::quant::{MetaView, PackedView};
 /// The query of one call quantized per key group, for `n_rep` query heads.
 #[derive(Default)]
 pub(super) struct IntQuery {
+    /// 1 or 2 (see the module documentation).
+    digits: usize,
     /// `[r][c]` query codes in channel order.
-    qi: Vec<i8>,
+    qi: Vec<i16>,
     /// `dq / 2` per `[r][group]`.
     half_dq: Vec<f32>,
     /// `sum_c q_c` (the scaled f32 query) per `[r][group]`.
     qsum: Vec<f32>,
     /// `max_code * sum_c qi_c` per `[r][group]`.
     off: Vec<i32>,
-    /// Query codes in the vector kernel's order: per `[r][group][chunk][k]` 64 bytes (16 bytes, four times).
+    /// Query digits in the vector kernel's order: per `[r][group][chunk][k][digit]` 64 bytes (16 bytes, four
+    /// times); the high digit first.
     vecs: Vec<u8>,
     /// Metadata of sixteen tokens, `[token][group]`: scales and minimums.
     sc: Vec<f32>,
@@ -50,9 +59,9 @@ pub(super) struct IntQuery {
     codes: Vec<u8>,
 }
 
-/// Whether the integer-dot kernel takes keys of this spec and head size: per-token min-max (or HQQ) groups whose
-/// codes are 1, 2, 4 or 8 bits and fill whole 16-byte chunks.
-pub(super) fn takes_spec(s: &crate::format::QuantSpec, head_dim: usize) -> bool {
+/// Whether the integer-dot kernel can score keys of this spec and head size: per-token min-max (or HQQ) groups
+/// whose codes are 1, 2, 4 or 8 bits and fill whole 16-byte chunks.
+pub(super) fn handles(s: &crate::format::QuantSpec, head_dim: usize) -> bool {
     let b = match s.bits {
         Bits::B1 => 1,
         Bits::B2 => 2,
@@ -67,13 +76,26 @@ pub(super) fn takes_spec(s: &crate::format::QuantSpec, head_dim: usize) -> bool 
         && (s.group * b).is_multiple_of(128)
 }
 
-/// Width in bits of a view that [`takes_spec`] accepted.
+/// Whether the integer-dot kernel scores keys of this spec and head size when asked to: [`handles`] and at least
+/// 4 bits. With 1- and 2-bit keys the model is about ten times as sensitive to any change of the scores (on
+/// SmolLM2, K2V4 moves by a mean KL of 8e-5 when only the order of the exact kernel's f32 sums changes, K4V2 by
+/// 9e-6), and the two-digit query's error, harmless at 4 bits (1.4e-5), costs 2e-3 there; such keys keep the exact
+/// kernel.
+pub(super) fn takes_spec(s: &crate::format::QuantSpec, head_dim: usize) -> bool {
+    handles(s, head_dim) && s.bits.nominal() >= 4.0
+}
+
+/// Width in bits of a view that [`handles`] accepted.
 fn width(view: &PackedView<'_>) -> usize {
     view.spec.bits.nominal() as usize
 }
 
-/// Quantizes the scaled queries `qq` (`n_rep` rows of `d`) per group of `g` channels.
-pub(super) fn prepare(qq: &[f32], d: usize, view: &PackedView<'_>, iq: &mut IntQuery) {
+/// Quantizes the scaled queries `qq` (`n_rep` rows of `d`) per group of `g` channels, to `digits` (1 or 2) 8-bit
+/// digits.
+pub(super) fn prepare(qq: &[f32], d: usize, view: &PackedView<'_>, digits: usize, iq: &mut IntQuery) {
+    debug_assert!(digits == 1 || digits == 2);
+    let qmax = if digits == 1 { 127.0 } else { 16256.0 };
+    iq.digits = digits;
     let g = view.spec.group;
     let ng = d / g;
     let n_rep = qq.len() / d;
@@ -87,12 +109,12 @@ pub(super) fn prepare(qq: &[f32], d: usize, view: &PackedView<'_>, iq: &mut IntQ
         for gi in 0..ng {
             let x = &qq[r * d + gi * g..r * d + (gi + 1) * g];
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let dq = amax / 127.0;
-            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            let dq = amax / qmax;
+            let inv = if amax > 0.0 { qmax / amax } else { 0.0 };
             let out = &mut iq.qi[r * d + gi * g..r * d + (gi + 1) * g];
             let mut s = 0i32;
             for (o, &v) in out.iter_mut().zip(x) {
-                let c = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                let c = (v * inv).round_ties_even().clamp(-qmax, qmax) as i16;
                 *o = c;
                 s += c as i32;
             }
@@ -107,18 +129,26 @@ pub(super) fn prepare(qq: &[f32], d: usize, view: &PackedView<'_>, iq: &mut IntQ
     let per = 8 / b;
     let nc = g * b / 128;
     iq.vecs.clear();
-    iq.vecs.reserve(n_rep * ng * nc * per * 64);
+    iq.vecs.reserve(n_rep * ng * nc * per * digits * 64);
     for r in 0..n_rep {
         for gi in 0..ng {
             for ch in 0..nc {
                 let base = r * d + gi * g + ch * 128 / b;
                 for k in 0..per {
-                    let mut v = [0u8; 16];
-                    for (j, e) in v.iter_mut().enumerate() {
-                        *e = iq.qi[base + per * j + k] as u8;
-                    }
-                    for _ in 0..4 {
-                        iq.vecs.extend_from_slice(&v);
+                    for digit in 0..digits {
+                        let mut v = [0u8; 16];
+                        for (j, e) in v.iter_mut().enumerate() {
+                            let q = iq.qi[base + per * j + k] as i32;
+                            let hi = (q + 64) >> 7;
+                            *e = match (digits, digit) {
+                                (1, _) => q as i8 as u8,
+                                (_, 0) => hi as i8 as u8,
+                                _ => (q - 128 * hi) as i8 as u8,
+                            };
+                        }
+                        for _ in 0..4 {
+                            iq.vecs.extend_from_slice(&v);
+                        }
                     }
                 }
             }
@@ -211,27 +241,54 @@ pub(super) unsafe fn keys_pt(
         let nr = (n_rep - r0).min(4);
         // SAFETY: the caller's guarantee; `takes` bounds the width and the group.
         unsafe {
-            match (width(view), nr) {
-                (1, 1) => vnni::keys::<1, 1>(iq, view, r0, whole, scores, t_all, pos),
-                (1, 2) => vnni::keys::<1, 2>(iq, view, r0, whole, scores, t_all, pos),
-                (1, 3) => vnni::keys::<1, 3>(iq, view, r0, whole, scores, t_all, pos),
-                (1, _) => vnni::keys::<1, 4>(iq, view, r0, whole, scores, t_all, pos),
-                (2, 1) => vnni::keys::<2, 1>(iq, view, r0, whole, scores, t_all, pos),
-                (2, 2) => vnni::keys::<2, 2>(iq, view, r0, whole, scores, t_all, pos),
-                (2, 3) => vnni::keys::<2, 3>(iq, view, r0, whole, scores, t_all, pos),
-                (2, _) => vnni::keys::<2, 4>(iq, view, r0, whole, scores, t_all, pos),
-                (4, 1) => vnni::keys::<4, 1>(iq, view, r0, whole, scores, t_all, pos),
-                (4, 2) => vnni::keys::<4, 2>(iq, view, r0, whole, scores, t_all, pos),
-                (4, 3) => vnni::keys::<4, 3>(iq, view, r0, whole, scores, t_all, pos),
-                (4, _) => vnni::keys::<4, 4>(iq, view, r0, whole, scores, t_all, pos),
-                (_, 1) => vnni::keys::<8, 1>(iq, view, r0, whole, scores, t_all, pos),
-                (_, 2) => vnni::keys::<8, 2>(iq, view, r0, whole, scores, t_all, pos),
-                (_, 3) => vnni::keys::<8, 3>(iq, view, r0, whole, scores, t_all, pos),
-                (_, _) => vnni::keys::<8, 4>(iq, view, r0, whole, scores, t_all, pos),
+            if iq.digits == 1 {
+                dispatch::<1>(iq, view, nr, r0, whole, scores, t_all, pos);
+            } else {
+                dispatch::<2>(iq, view, nr, r0, whole, scores, t_all, pos);
             }
         }
         keys_pt_ref(iq, view, r0, nr, whole, scores, t_all, pos);
         r0 += nr;
+    }
+}
+
+/// Calls the vector kernel for the width of `view`, `nr` query heads and `W` digits.
+///
+/// # Safety
+///
+/// [`vnni`] must be true.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dispatch<const W: usize>(
+    iq: &mut IntQuery,
+    view: &PackedView<'_>,
+    nr: usize,
+    r0: usize,
+    whole: usize,
+    scores: &mut [f32],
+    t_all: usize,
+    pos: usize,
+) {
+    // SAFETY: the caller's guarantee.
+    unsafe {
+        match (width(view), nr) {
+            (1, 1) => vnni::keys::<1, 1, W>(iq, view, r0, whole, scores, t_all, pos),
+            (1, 2) => vnni::keys::<1, 2, W>(iq, view, r0, whole, scores, t_all, pos),
+            (1, 3) => vnni::keys::<1, 3, W>(iq, view, r0, whole, scores, t_all, pos),
+            (1, _) => vnni::keys::<1, 4, W>(iq, view, r0, whole, scores, t_all, pos),
+            (2, 1) => vnni::keys::<2, 1, W>(iq, view, r0, whole, scores, t_all, pos),
+            (2, 2) => vnni::keys::<2, 2, W>(iq, view, r0, whole, scores, t_all, pos),
+            (2, 3) => vnni::keys::<2, 3, W>(iq, view, r0, whole, scores, t_all, pos),
+            (2, _) => vnni::keys::<2, 4, W>(iq, view, r0, whole, scores, t_all, pos),
+            (4, 1) => vnni::keys::<4, 1, W>(iq, view, r0, whole, scores, t_all, pos),
+            (4, 2) => vnni::keys::<4, 2, W>(iq, view, r0, whole, scores, t_all, pos),
+            (4, 3) => vnni::keys::<4, 3, W>(iq, view, r0, whole, scores, t_all, pos),
+            (4, _) => vnni::keys::<4, 4, W>(iq, view, r0, whole, scores, t_all, pos),
+            (_, 1) => vnni::keys::<8, 1, W>(iq, view, r0, whole, scores, t_all, pos),
+            (_, 2) => vnni::keys::<8, 2, W>(iq, view, r0, whole, scores, t_all, pos),
+            (_, 3) => vnni::keys::<8, 3, W>(iq, view, r0, whole, scores, t_all, pos),
+            (_, _) => vnni::keys::<8, 4, W>(iq, view, r0, whole, scores, t_all, pos),
+        }
     }
 }
 
@@ -282,7 +339,7 @@ mod vnni {
 
     /// Scores of tokens `0..whole` (a multiple of 16) for query heads `r0..r0 + R`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn keys<const B: usize, const R: usize>(
+    pub(super) unsafe fn keys<const B: usize, const R: usize, const W: usize>(
         iq: &mut IntQuery,
         view: &PackedView<'_>,
         r0: usize,
@@ -312,7 +369,9 @@ mod vnni {
             meta16(&view.mins, t0 * ng, &mut iq.mp[..16 * ng]);
             let mut acc = [_mm512_setzero_ps(); R];
             for gi in 0..ng {
+                // High (or only) digit, low digit.
                 let mut ia = [[_mm512_setzero_si512(); 4]; R];
+                let mut il = [[_mm512_setzero_si512(); 4]; R];
                 for (s, _) in [(); 4].iter().enumerate() {
                     for ch in 0..nc {
                         // SAFETY: tokens `t0 .. t0 + 16` lie in the view (`t0 + 16 <= whole <= tokens`), and the
@@ -326,10 +385,16 @@ mod vnni {
                                 _mm512_and_si512(sh, mask)
                             };
                             for r in 0..R {
-                                let at = ((((r0 + r) * ng + gi) * nc + ch) * per + k) * 64;
-                                // SAFETY: `prepare` wrote 64 bytes per (query, group, chunk, k).
-                                let qv = unsafe { _mm512_loadu_si512(iq.vecs.as_ptr().add(at) as *const _) };
-                                ia[r][s] = _mm512_dpbusd_epi32(ia[r][s], u, qv);
+                                let at = ((((r0 + r) * ng + gi) * nc + ch) * per + k) * W * 64;
+                                // SAFETY: `prepare` wrote `W` times 64 bytes per (query, group, chunk, k).
+                                unsafe {
+                                    let qv = _mm512_loadu_si512(iq.vecs.as_ptr().add(at) as *const _);
+                                    ia[r][s] = _mm512_dpbusd_epi32(ia[r][s], u, qv);
+                                    if W == 2 {
+                                        let lv = _mm512_loadu_si512(iq.vecs.as_ptr().add(at + 64) as *const _);
+                                        il[r][s] = _mm512_dpbusd_epi32(il[r][s], u, lv);
+                                    }
+                                }
                             }
                         }
                     }
@@ -352,7 +417,11 @@ mod vnni {
                 let mp = _mm512_fmadd_ps(_mm512_set1_ps(center), sc, mp);
                 for r in 0..R {
                     let k = (r0 + r) * ng + gi;
-                    let dot = lane_sums(ia[r]);
+                    let dot = if W == 2 {
+                        lane_sums(std::array::from_fn(|s| _mm512_add_epi32(_mm512_slli_epi32::<7>(ia[r][s]), il[r][s])))
+                    } else {
+                        lane_sums(ia[r])
+                    };
                     let ip = _mm512_sub_epi32(_mm512_add_epi32(dot, dot), _mm512_set1_epi32(iq.off[k]));
                     let x = _mm512_mul_ps(_mm512_cvtepi32_ps(ip), _mm512_set1_ps(iq.half_dq[k]));
                     acc[r] = _mm512_fmadd_ps(sc, x, acc[r]);
@@ -396,7 +465,7 @@ mod tests {
                         continue;
                     }
                     for meta in [MetaDtype::F16, MetaDtype::F32] {
-                        for n_rep in [1usize, 3, 4, 5] {
+                        for (n_rep, digits) in [(1usize, 1usize), (3, 2), (4, 1), (5, 2), (3, 1), (4, 2)] {
                             let tokens = [1usize, 15, 16, 17, 49][(d + g + n_rep) % 5] + 16 * (b % 3);
                             let spec = QuantSpec { meta, ..QuantSpec::new(bits, g, GroupAxis::PerToken) };
                             let keys: Vec<f32> =
@@ -404,10 +473,11 @@ mod tests {
                             let mut stream = PackedStream::new(spec, d).unwrap();
                             stream.push(&keys).unwrap();
                             let view = stream.view();
-                            assert!(takes_spec(&view.spec, d));
+                            assert!(handles(&view.spec, d));
+                            assert_eq!(takes_spec(&view.spec, d), b >= 4);
                             let qq: Vec<f32> = (0..n_rep * d).map(|_| rng.next() * 0.5).collect();
                             let mut iq = IntQuery::default();
-                            prepare(&qq, d, &view, &mut iq);
+                            prepare(&qq, d, &view, digits, &mut iq);
                             let (t_all, pos) = (tokens + 3, 2);
                             let mut want = vec![0f32; n_rep * t_all];
                             keys_pt_ref(&mut iq, &view, 0, n_rep, 0, &mut want, t_all, pos);
@@ -416,7 +486,11 @@ mod tests {
                                 // SAFETY: VNNI detected.
                                 unsafe { keys_pt(&mut iq, &view, n_rep, &mut got, t_all, pos) };
                                 for (i, (a, w)) in got.iter().zip(&want).enumerate() {
-                                    assert_eq!(a.to_bits(), w.to_bits(), "{bits:?} d {d} g {g} R {n_rep} at {i}");
+                                    assert_eq!(
+                                        a.to_bits(),
+                                        w.to_bits(),
+                                        "{bits:?} d {d} g {g} R {n_rep} W {digits} at {i}"
+                                    );
                                 }
                             }
                             // Against exact scores over the dequantized keys.
