@@ -180,12 +180,15 @@ pub fn run_modes(a: &BenchArgs, modes: &[WeightsMode]) -> anyhow::Result<()> {
     if a.cache.is_empty() || a.depth.is_empty() {
         bail!("give at least one --cache and one --depth");
     }
-    if let Some(t) = a.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // The global pool can be built once per process; a second `bench` call in one process keeps the first.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(t).build_global();
+    if a.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    if let Some(t) = a.threads.filter(|&t| t != rayon::current_num_threads() || rayon::current_thread_index().is_none())
+    {
+        // Not yet on a worker of a pool of `t` threads (the `adaquant` binary runs every command on one): measure on
+        // one, so that parallel loops start from a worker and no idle caller thread is left beside them.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build()?;
+        return pool.install(|| run_modes(a, modes));
     }
     let path = a.model.clone().unwrap_or_else(adaquant_model::paths::default_model);
     if !path.exists() {

@@ -56,12 +56,24 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("only `bench` takes several --weights modes");
     }
     adaquant_model::set_default_weights_mode(first);
-    match cli.command {
+    // The whole command runs on a worker of the thread pool: a parallel loop started from outside the pool hands
+    // its work to a worker and wakes it up, once per loop (hundreds of times per decoded token), and the idle
+    // main thread made one thread more than `--threads`.
+    let mut pool = rayon::ThreadPoolBuilder::new();
+    if let Command::Bench(a) = &cli.command {
+        match a.threads {
+            Some(0) => anyhow::bail!("--threads must be at least 1"),
+            Some(t) => pool = pool.num_threads(t),
+            None => {}
+        }
+    }
+    let pool = pool.build()?;
+    pool.install(|| match cli.command {
         Command::Sweep(a) => cli::sweep(&a),
         Command::Analyze(a) => adaquant_analysis::run(&a).map(|out| println!("analysis written to {}", out.display())),
         Command::Generate(a) => adaquant_model::generate::run(&a),
         Command::Ppl(a) => cli::ppl(&a),
         Command::EvalTasks(a) => cli::eval_tasks(&a),
         Command::Bench(a) => adaquant_eval::bench::run_modes(&a, &cli.weights),
-    }
+    })
 }

@@ -44,6 +44,15 @@ fn resize(v: &mut Vec<f32>, n: usize) {
     v.resize(n, 0.0);
 }
 
+/// `n` entries whose old contents stay, for buffers that are written in full before they are read (the scores:
+/// no need to zero megabytes at long contexts).
+fn fit(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    v.truncate(n);
+}
+
 /// Attends the `q.len() / d` query heads of one KV head over a checked head.
 pub(crate) fn attend_head(q: &[f32], head: &HeadKv<'_>, d: usize, scale: f32, out: &mut [f32]) {
     SCRATCH.with(|s| {

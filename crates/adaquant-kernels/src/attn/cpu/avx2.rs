@@ -10,7 +10,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{center, generic, resize, scale_queries, Scratch};
+use super::{center, fit, generic, resize, scale_queries, Scratch};
 use crate::attn::HeadKv;
 use crate::format::{Bits, GroupAxis};
 use crate::pack;
@@ -176,7 +176,7 @@ pub(super) fn attend_head(q: &[f32], head: &HeadKv<'_>, d: usize, scale: f32, ou
     let n_rep = q.len() / d;
     let t_all = head.tokens(d);
     scale_queries(q, scale, &mut s.qq);
-    resize(&mut s.scores, n_rep * t_all);
+    fit(&mut s.scores, n_rep * t_all);
     let mut pos = 0;
     pos += exact_scores::<false>(
         &s.qq,
@@ -250,7 +250,7 @@ pub(super) fn attend_f16(q: &[f32], k: &[f16], v: &[f16], d: usize, scale: f32, 
     let n_rep = q.len() / d;
     let t_all = k.len() / d;
     scale_queries(q, scale, &mut s.qq);
-    resize(&mut s.scores, n_rep * t_all);
+    fit(&mut s.scores, n_rep * t_all);
     exact_scores::<true>(&s.qq, k.as_ptr() as *const u8, t_all, d, &mut s.scores, t_all, 0);
     let sums = softmax(&mut s.scores, n_rep, t_all);
     resize(&mut s.acc, n_rep * d);
