@@ -72,7 +72,8 @@ fn kl_against_exact(
     Some((mean, differ))
 }
 
-/// Mean KL(exact || int) between the next-token distributions of the exact and the two-digit integer key kernel
+/// Mean KL(exact || int) between the next-token distributions of the exact kernel and the integer one (two-digit
+/// query for the keys, two-digit weights for the values)
 /// with the K4V2 cache, over the scored positions of the default sweep, is at most 1e-4; the two kernels must differ
 /// at all (else the comparison compares nothing), and the 8-bit query (llama.cpp's choice) must be further from
 /// exact. 2-bit keys keep the exact kernel (see `AttnKernel`).

@@ -371,6 +371,15 @@ mod avx2;
 mod codebook;
 mod intdot;
 
+/// Whether per-token values of `spec` go to the integer value tile now: under `AttnKernel::IntDot`, on AVX-512
+/// VNNI and VBMI.
+pub(crate) fn int_values(spec: &crate::format::QuantSpec, head_dim: usize) -> bool {
+    crate::attn::attn_kernel() == crate::attn::AttnKernel::IntDot
+        && simd::active() >= SimdLevel::Avx512
+        && intdot::vbmi()
+        && intdot::takes_values(spec, head_dim)
+}
+
 /// The query digits of the integer-dot kernel that scores keys of `spec` now, 0 for the exact kernel (see
 /// [`crate::attn::AttnKernel`]).
 pub(crate) fn int_keys(spec: &crate::format::QuantSpec, head_dim: usize) -> usize {

@@ -685,6 +685,8 @@ fn values_pt<const B: usize, const R: usize>(args: ValueArgs<'_, '_>) {
         codes.resize(TILE * d, 0);
     }
     let wide = direct && avx512::supports(B, g);
+    let int = direct && matches!(B, 2 | 4 | 8) && super::int_values(&view.spec, d);
+    let cmax = view.spec.bits.max_code() as i32;
     let mut t0 = 0;
     while t0 < view.tokens {
         let tile = (view.tokens - t0).min(TILE);
@@ -725,6 +727,17 @@ fn values_pt<const B: usize, const R: usize>(args: ValueArgs<'_, '_>) {
             pack::unpack_range(view.spec.bits, view.codes, t0 * d, &mut codes[..tile * d]);
             (codes.as_ptr(), 0)
         };
+        if int {
+            // SAFETY: `int_values` checked VNNI, VBMI and the spec (B is 2, 4 or 8, groups fill 16-byte chunks); the
+            // tile's codes lie in the stream, `wt` holds the tile's weights and accumulator rows `r0 .. r0 + R` have
+            // `d` entries each.
+            unsafe {
+                let a = acc.as_mut_ptr().add(r0 * d);
+                super::intdot::value_tile_here::<B, R>(src, base, tile, d, g, wt, TILE, a, cmax);
+            }
+            t0 += tile;
+            continue;
+        }
         if wide {
             // SAFETY: AVX-512F was detected (`supports`); the tile's codes lie in the stream, `wt` holds the tile's
             // weights and accumulator rows `r0 .. r0 + R` have `d` entries each.

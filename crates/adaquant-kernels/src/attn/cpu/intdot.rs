@@ -439,6 +439,285 @@ mod vnni {
     }
 }
 
+/// Buffers of the integer value tile: per query the two digits of each weight of the tile (padded to a multiple of
+/// four tokens), their sums and `dw / 2`.
+#[derive(Default)]
+pub(super) struct ValueDigits {
+    hi: Vec<i8>,
+    lo: Vec<i8>,
+    sum: Vec<i32>,
+    half_dw: Vec<f32>,
+    quad: usize,
+}
+
+/// Whether the integer kernel sums values of this spec and head size (per-token min-max or HQQ groups of 2, 4 or
+/// 8 bits that fill whole 16-byte chunks).
+pub(super) fn takes_values(s: &crate::format::QuantSpec, head_dim: usize) -> bool {
+    handles(s, head_dim) && s.bits != Bits::B1
+}
+
+/// Whether the integer value kernel can run here (AVX-512 VNNI and VBMI).
+pub(super) fn vbmi() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| vnni() && is_x86_feature_detected!("avx512vbmi"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Two-digit weights of one group of a tile: `w = p_t * scale_tg` (non-negative) for `R` queries, rows of `wt`
+/// (`[group][query][token]`, stride `ws`) from `(gi * R + r) * ws`, `tile` tokens. `wi = round(w / dw)`,
+/// `dw = max w / 16256`, `wi = 128 hi + lo` with `lo` in `-64..64`.
+#[cfg_attr(not(test), allow(dead_code))]
+fn value_digits(wt: &[f32], ws: usize, gi: usize, r_count: usize, tile: usize, vd: &mut ValueDigits) {
+    let quad = tile.div_ceil(4) * 4;
+    vd.quad = quad;
+    vd.hi.clear();
+    vd.lo.clear();
+    vd.hi.resize(r_count * quad, 0);
+    vd.lo.resize(r_count * quad, 0);
+    vd.sum.clear();
+    vd.half_dw.clear();
+    for r in 0..r_count {
+        let w = &wt[(gi * r_count + r) * ws..(gi * r_count + r) * ws + tile];
+        let wmax = w.iter().fold(0f32, |m, &x| m.max(x));
+        let inv = if wmax > 0.0 { 16256.0 / wmax } else { 0.0 };
+        let mut sum = 0i32;
+        for (t, &x) in w.iter().enumerate() {
+            let q = (x * inv).round_ties_even().clamp(0.0, 16256.0) as i32;
+            let hi = (q + 64) >> 7;
+            vd.hi[r * quad + t] = hi as i8;
+            vd.lo[r * quad + t] = (q - 128 * hi) as i8;
+            sum += q;
+        }
+        vd.sum.push(sum);
+        vd.half_dw.push(wmax / 16256.0 * 0.5);
+    }
+}
+
+thread_local! {
+    static DIGITS: std::cell::RefCell<ValueDigits> = std::cell::RefCell::new(ValueDigits::default());
+}
+
+/// [`value_tile`] with this thread's digit buffers.
+///
+/// # Safety
+///
+/// As for [`value_tile`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn value_tile_here<const B: usize, const R: usize>(
+    src: *const u8,
+    base: usize,
+    tile: usize,
+    d: usize,
+    g: usize,
+    wt: &[f32],
+    ws: usize,
+    acc: *mut f32,
+    cmax: i32,
+) {
+    DIGITS.with(|vd| {
+        // SAFETY: the caller's contract.
+        unsafe { value_tile::<B, R>(src, base, tile, d, g, wt, ws, acc, cmax, &mut vd.borrow_mut()) }
+    })
+}
+
+/// [`value_digits`] sixteen weights at a time (the same digits: the same f32 products, rounded half to even by
+/// the conversion).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn value_digits_avx512(wt: &[f32], ws: usize, gi: usize, r_count: usize, tile: usize, vd: &mut ValueDigits) {
+    let quad = tile.div_ceil(4) * 4;
+    vd.quad = quad;
+    vd.hi.clear();
+    vd.lo.clear();
+    // Sixteen bytes of slack for the last store.
+    vd.hi.resize(r_count * quad + 16, 0);
+    vd.lo.resize(r_count * quad + 16, 0);
+    vd.sum.clear();
+    vd.half_dw.clear();
+    for r in 0..r_count {
+        let w = &wt[(gi * r_count + r) * ws..(gi * r_count + r) * ws + tile];
+        let n16 = tile / 16 * 16;
+        let mut mv = _mm512_setzero_ps();
+        for c in w[..n16].chunks_exact(16) {
+            // SAFETY: sixteen floats.
+            mv = _mm512_max_ps(mv, unsafe { _mm512_loadu_ps(c.as_ptr()) });
+        }
+        let wmax = w[n16..].iter().fold(_mm512_reduce_max_ps(mv).max(0.0), |m, &x| m.max(x));
+        let inv = if wmax > 0.0 { 16256.0 / wmax } else { 0.0 };
+        let iv = _mm512_set1_ps(inv);
+        let mut sv = _mm512_setzero_si512();
+        let mut t = 0;
+        while t < tile {
+            let n = (tile - t).min(16);
+            let m: u16 = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
+            // SAFETY: `n` lanes of `w` from `t`; the stores write sixteen bytes at `r * quad + t`, inside the
+            // buffers with their slack; lanes past `n` are zero and land on padding or the next row's start, which
+            // its own stores overwrite.
+            unsafe {
+                let x = _mm512_maskz_loadu_ps(m, w.as_ptr().add(t));
+                let q = _mm512_cvtps_epi32(_mm512_mul_ps(x, iv));
+                let hi = _mm512_srai_epi32::<7>(_mm512_add_epi32(q, _mm512_set1_epi32(64)));
+                let lo = _mm512_sub_epi32(q, _mm512_slli_epi32::<7>(hi));
+                sv = _mm512_add_epi32(sv, q);
+                _mm_storeu_si128(vd.hi.as_mut_ptr().add(r * quad + t) as *mut __m128i, _mm512_cvtepi32_epi8(hi));
+                _mm_storeu_si128(vd.lo.as_mut_ptr().add(r * quad + t) as *mut __m128i, _mm512_cvtepi32_epi8(lo));
+            }
+            t += 16;
+        }
+        // Padding tokens of this row (up to `quad`) must be zero: rewrite them after the stores.
+        for t in tile..quad {
+            vd.hi[r * quad + t] = 0;
+            vd.lo[r * quad + t] = 0;
+        }
+        vd.sum.push(_mm512_reduce_add_epi32(sv));
+        vd.half_dw.push(wmax / 16256.0 * 0.5);
+    }
+}
+
+/// Scalar twin of [`value_tile`]: for every group, `acc[r][c] += ((2 I - C S) as f32) * (dw / 2)` with
+/// `I = sum_t wi_t code_tc` and `S = sum_t wi_t`, codes of tokens `0..tile` from code index `base` of `codes`.
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(super) fn value_tile_ref(
+    bits: Bits,
+    codes: &[u8],
+    base: usize,
+    tile: usize,
+    d: usize,
+    g: usize,
+    r_count: usize,
+    wt: &[f32],
+    ws: usize,
+    acc: &mut [f32],
+    vd: &mut ValueDigits,
+) {
+    let cmax = bits.max_code() as i32;
+    let mut row = vec![0u8; tile * d];
+    pack::unpack_range(bits, codes, base, &mut row);
+    for gi in 0..d / g {
+        value_digits(wt, ws, gi, r_count, tile, vd);
+        for r in 0..r_count {
+            for c in gi * g..(gi + 1) * g {
+                let dot: i32 = (0..tile)
+                    .map(|t| {
+                        (128 * vd.hi[r * vd.quad + t] as i32 + vd.lo[r * vd.quad + t] as i32) * row[t * d + c] as i32
+                    })
+                    .sum();
+                let x = (2 * dot - cmax * vd.sum[r]) as f32 * vd.half_dw[r];
+                acc[r * d + c] += x;
+            }
+        }
+    }
+}
+
+/// [`value_tile_ref`] on AVX-512 VNNI and VBMI: per 16-byte chunk of each row, the chunks of four tokens go in one
+/// register and `vpermb` turns it so that each 32-bit lane holds one byte position of the four tokens; shift and
+/// mask give code `k` of each byte, and `vpdpbusd` with the four tokens' weight digits (broadcast) sums over
+/// the tokens. Accumulators are per chunk and `k`, so channel `per * j + k` of the chunk sits in lane `j` of
+/// register `k`; each goes to its channel once per tile.
+///
+/// # Safety
+///
+/// [`vbmi`] is true; `B` is 2, 4 or 8; codes of tokens `0..tile` from code index `base` lie in the stream at `src`;
+/// `wt` holds `d / g` groups of `R` rows of `ws >= tile` weights; `acc` points to `R` rows of `d` accumulators;
+/// `g * B` is a multiple of 128 and `d` of `g`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn value_tile<const B: usize, const R: usize>(
+    src: *const u8,
+    base: usize,
+    tile: usize,
+    d: usize,
+    g: usize,
+    wt: &[f32],
+    ws: usize,
+    acc: *mut f32,
+    cmax: i32,
+    vd: &mut ValueDigits,
+) {
+    static ZERO: [u8; 16] = [0; 16];
+    debug_assert!(matches!(B, 2 | 4 | 8) && (g * B).is_multiple_of(128) && d.is_multiple_of(g) && tile <= ws);
+    let per = 8 / B;
+    let nc = g * B / 128;
+    let rb = d * B / 8;
+    let mask = _mm512_set1_epi8(((1u32 << B) - 1) as u8 as i8);
+    // Output byte `4 j + s` is input byte `16 s + j`.
+    let idx = _mm512_set_epi8(
+        63, 47, 31, 15, 62, 46, 30, 14, 61, 45, 29, 13, 60, 44, 28, 12, 59, 43, 27, 11, 58, 42, 26, 10, 57, 41, 25, 9,
+        56, 40, 24, 8, 55, 39, 23, 7, 54, 38, 22, 6, 53, 37, 21, 5, 52, 36, 20, 4, 51, 35, 19, 3, 50, 34, 18, 2, 49,
+        33, 17, 1, 48, 32, 16, 0,
+    );
+    // SAFETY (for the whole body): the caller's contract; rows past `tile` read the zero chunk instead.
+    unsafe {
+        let first = src.add(base * B / 8);
+        for gi in 0..d / g {
+            value_digits_avx512(wt, ws, gi, R, tile, vd);
+            for cl in 0..nc {
+                let ch = gi * nc + cl;
+                let mut ia = [[_mm512_setzero_si512(); 8]; R];
+                let mut il = [[_mm512_setzero_si512(); 8]; R];
+                for q in (0..tile).step_by(4) {
+                    let row = |s: usize| -> *const __m128i {
+                        if q + s < tile {
+                            first.add((q + s) * rb + ch * 16) as *const __m128i
+                        } else {
+                            ZERO.as_ptr() as *const __m128i
+                        }
+                    };
+                    let lo = _mm256_inserti128_si256::<1>(
+                        _mm256_castsi128_si256(_mm_loadu_si128(row(0))),
+                        _mm_loadu_si128(row(1)),
+                    );
+                    let hi = _mm256_inserti128_si256::<1>(
+                        _mm256_castsi128_si256(_mm_loadu_si128(row(2))),
+                        _mm_loadu_si128(row(3)),
+                    );
+                    let x = _mm512_permutexvar_epi8(idx, _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi));
+                    let mut wh = [_mm512_setzero_si512(); R];
+                    let mut wl = [_mm512_setzero_si512(); R];
+                    for r in 0..R {
+                        let at = r * vd.quad + q;
+                        wh[r] = _mm512_set1_epi32((vd.hi.as_ptr().add(at) as *const i32).read_unaligned());
+                        wl[r] = _mm512_set1_epi32((vd.lo.as_ptr().add(at) as *const i32).read_unaligned());
+                    }
+                    for k in 0..per {
+                        let u = if B == 8 {
+                            x
+                        } else {
+                            _mm512_and_si512(_mm512_srl_epi16(x, _mm_cvtsi32_si128((B * k) as i32)), mask)
+                        };
+                        for r in 0..R {
+                            ia[r][k] = _mm512_dpbusd_epi32(ia[r][k], u, wh[r]);
+                            il[r][k] = _mm512_dpbusd_epi32(il[r][k], u, wl[r]);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    let off = _mm512_set1_epi32(cmax * vd.sum[r]);
+                    let hd = _mm512_set1_ps(vd.half_dw[r]);
+                    for k in 0..per {
+                        let i = _mm512_add_epi32(_mm512_slli_epi32::<7>(ia[r][k]), il[r][k]);
+                        let ip = _mm512_sub_epi32(_mm512_add_epi32(i, i), off);
+                        let mut x = [0f32; 16];
+                        _mm512_storeu_ps(x.as_mut_ptr(), _mm512_mul_ps(_mm512_cvtepi32_ps(ip), hd));
+                        let a = acc.add(r * d + ch * 16 * per + k);
+                        for (j, v) in x.iter().enumerate() {
+                            *a.add(per * j) += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,6 +800,89 @@ mod tests {
                                         "{bits:?} d {d} g {g} r {r} t {t}: {got} vs {exact}, bound {bound}"
                                     );
                                 }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The integer value tile equals its scalar twin bit for bit, and stays within `dw / 2 * sum |code - C/2|`
+    /// of the f64 sum `sum_t w_t (code_tc - C/2)`, for every width, group, query batch and tile length it takes.
+    #[test]
+    fn value_tile_equals_scalar_twin_and_stays_within_the_bound() {
+        let mut rng = Lcg(11);
+        for (bits, b) in [(Bits::B2, 2usize), (Bits::B4, 4), (Bits::B8, 8)] {
+            for d in [64usize, 128] {
+                for g in [16usize, 32, 64, 128] {
+                    if g > d || g * b % 128 != 0 {
+                        continue;
+                    }
+                    for (r_count, tile) in [(1usize, 64usize), (3, 61), (4, 1), (2, 6), (3, 64)] {
+                        let spec = QuantSpec::new(bits, g, GroupAxis::PerToken);
+                        let tokens = tile + 5;
+                        let vals: Vec<f32> = (0..tokens * d).map(|_| rng.next() * 2.0).collect();
+                        let mut stream = PackedStream::new(spec, d).unwrap();
+                        stream.push(&vals).unwrap();
+                        let view = stream.view();
+                        assert!(takes_values(&view.spec, d));
+                        let ng = d / g;
+                        let ws = 64;
+                        // Softmax-like weights: non-negative, one of them the largest by far.
+                        let wt: Vec<f32> =
+                            (0..ng * r_count * ws).map(|i| (rng.next() * 4.0).exp() * (i % 5) as f32).collect();
+                        let base = 3 * d;
+                        let mut vd = ValueDigits::default();
+                        let mut want = vec![0.5f32; r_count * d];
+                        value_tile_ref(bits, view.codes, base, tile, d, g, r_count, &wt, ws, &mut want, &mut vd);
+                        if vbmi() {
+                            let mut got = vec![0.5f32; r_count * d];
+                            let cmax = bits.max_code() as i32;
+                            // SAFETY: VNNI and VBMI detected; the tile lies in the stream.
+                            unsafe {
+                                let p = got.as_mut_ptr();
+                                let c = view.codes.as_ptr();
+                                match (b, r_count) {
+                                    (2, 1) => value_tile::<2, 1>(c, base, tile, d, g, &wt, ws, p, cmax, &mut vd),
+                                    (2, 2) => value_tile::<2, 2>(c, base, tile, d, g, &wt, ws, p, cmax, &mut vd),
+                                    (2, 3) => value_tile::<2, 3>(c, base, tile, d, g, &wt, ws, p, cmax, &mut vd),
+                                    (2, _) => value_tile::<2, 4>(c, base, tile, d, g, &wt, ws, p, cmax, &mut vd),
+                                    (4, 1) => value_tile::<4, 1>(c, base, tile, d, g, &wt, ws, p, cmax, &mut vd),
+                                    (4, 2) => value_tile::<4, 2>(c, base, tile, d, g, &wt, ws, p, cmax, &mut vd),
+                                    (4, 3) => value_tile::<4, 3>(c, base, tile, d, g, &wt, ws, p, cmax, &mut vd),
+                                    (4, _) => value_tile::<4, 4>(c, base, tile, d, g, &wt, ws, p, cmax, &mut vd),
+                                    (_, 1) => value_tile::<8, 1>(c, base, tile, d, g, &wt, ws, p, cmax, &mut vd),
+                                    (_, 2) => value_tile::<8, 2>(c, base, tile, d, g, &wt, ws, p, cmax, &mut vd),
+                                    (_, 3) => value_tile::<8, 3>(c, base, tile, d, g, &wt, ws, p, cmax, &mut vd),
+                                    (_, _) => value_tile::<8, 4>(c, base, tile, d, g, &wt, ws, p, cmax, &mut vd),
+                                }
+                            }
+                            for (i, (a, w)) in got.iter().zip(&want).enumerate() {
+                                assert_eq!(
+                                    a.to_bits(),
+                                    w.to_bits(),
+                                    "{bits:?} d {d} g {g} R {r_count} tile {tile} at {i}"
+                                );
+                            }
+                        }
+                        let mut codes = vec![0u8; tile * d];
+                        pack::unpack_range(bits, view.codes, base, &mut codes);
+                        let center = bits.max_code() as f64 / 2.0;
+                        for r in 0..r_count {
+                            for c in 0..d {
+                                let gi = c / g;
+                                let w = &wt[(gi * r_count + r) * ws..(gi * r_count + r) * ws + tile];
+                                let wmax = w.iter().fold(0f32, |m, &x| m.max(x)) as f64;
+                                let exact: f64 =
+                                    (0..tile).map(|t| w[t] as f64 * (codes[t * d + c] as f64 - center)).sum();
+                                let dev: f64 = (0..tile).map(|t| (codes[t * d + c] as f64 - center).abs()).sum();
+                                let bound = wmax / 16256.0 / 2.0 * dev + 1e-5 * (exact.abs() + wmax * dev);
+                                let got = want[r * d + c] as f64 - 0.5;
+                                assert!(
+                                    (got - exact).abs() <= bound,
+                                    "{bits:?} d {d} g {g} r {r} c {c}: {got} vs {exact}, bound {bound}"
+                                );
                             }
                         }
                     }
