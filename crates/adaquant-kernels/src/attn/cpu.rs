@@ -33,6 +33,8 @@ struct Scratch {
     tmp: Vec<f32>,
     codes: Vec<u8>,
     iq: intdot::IntQuery,
+    /// The softmax's maximum score per query row of the last call.
+    maxes: Vec<f32>,
 }
 
 thread_local! {
@@ -53,8 +55,17 @@ fn fit(v: &mut Vec<f32>, n: usize) {
     v.truncate(n);
 }
 
-/// Attends the `q.len() / d` query heads of one KV head over a checked head.
-pub(crate) fn attend_head(q: &[f32], head: &HeadKv<'_>, d: usize, scale: f32, out: &mut [f32]) {
+/// Attends the `q.len() / d` query heads of one KV head over a checked head. With `stats`, also writes the
+/// softmax's maximum score and its sum of `exp(score - max)` per query row (`[max, sum]` pairs), so that attention
+/// over parts of the context can be combined.
+pub(crate) fn attend_head(
+    q: &[f32],
+    head: &HeadKv<'_>,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+    stats: Option<&mut [f32]>,
+) {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         let s = &mut *s;
@@ -62,18 +73,18 @@ pub(crate) fn attend_head(q: &[f32], head: &HeadKv<'_>, d: usize, scale: f32, ou
         #[cfg(target_arch = "x86_64")]
         if level >= SimdLevel::Avx2 {
             // SAFETY: AVX2 and FMA were detected at run time.
-            unsafe { avx2::attend_head(q, head, d, scale, out, s) };
+            unsafe { avx2::attend_head(q, head, d, scale, out, s, stats) };
             return;
         }
         let _ = level;
-        generic::attend_head(q, head, d, scale, out, s);
+        generic::attend_head(q, head, d, scale, out, s, stats);
     })
 }
 
 /// Baseline attention over f32 keys and values of one KV head.
 pub(crate) fn attend_exact_f32(q: &[f32], k: &[f32], v: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let head = HeadKv::exact(k, v);
-    attend_head(q, &head, d, scale, out);
+    attend_head(q, &head, d, scale, out, None);
 }
 
 /// Baseline attention over f16 keys and values of one KV head.
@@ -98,6 +109,16 @@ fn center(bits: crate::format::Bits) -> f32 {
     bits.max_code() as f32 / 2.0
 }
 
+/// `[max, sum]` per query row into `stats`, when asked for.
+fn write_stats(stats: Option<&mut [f32]>, maxes: &[f32], sums: &[f32]) {
+    if let Some(st) = stats {
+        for (r, (m, s)) in maxes.iter().zip(sums).enumerate() {
+            st[2 * r] = *m;
+            st[2 * r + 1] = *s;
+        }
+    }
+}
+
 /// Scales the queries by the softmax scale once.
 fn scale_queries(q: &[f32], scale: f32, qq: &mut Vec<f32>) {
     qq.clear();
@@ -108,7 +129,15 @@ fn scale_queries(q: &[f32], scale: f32, qq: &mut Vec<f32>) {
 mod generic {
     use super::*;
 
-    pub(super) fn attend_head(q: &[f32], head: &HeadKv<'_>, d: usize, scale: f32, out: &mut [f32], s: &mut Scratch) {
+    pub(super) fn attend_head(
+        q: &[f32],
+        head: &HeadKv<'_>,
+        d: usize,
+        scale: f32,
+        out: &mut [f32],
+        s: &mut Scratch,
+        stats: Option<&mut [f32]>,
+    ) {
         let n_rep = q.len() / d;
         let t_all = head.tokens(d);
         scale_queries(q, scale, &mut s.qq);
@@ -124,7 +153,7 @@ mod generic {
             pos += k.tokens;
         }
         exact_scores(&s.qq, head.tail_k, d, &mut s.scores, t_all, pos);
-        let sums = softmax(&mut s.scores, n_rep, t_all);
+        let sums = softmax(&mut s.scores, n_rep, t_all, &mut s.maxes);
         resize(&mut s.acc, n_rep * d);
         let mut pos = 0;
         pos += exact_values(&s.scores, t_all, head.sink_v, d, &mut s.acc, pos);
@@ -137,6 +166,7 @@ mod generic {
             pos += v.tokens;
         }
         exact_values(&s.scores, t_all, head.tail_v, d, &mut s.acc, pos);
+        write_stats(stats, &s.maxes, &sums);
         for r in 0..n_rep {
             let inv = 1.0 / sums[r];
             for (o, a) in out[r * d..(r + 1) * d].iter_mut().zip(&s.acc[r * d..(r + 1) * d]) {
@@ -158,7 +188,7 @@ mod generic {
             }
             exact_scores(&s.qq, &row, d, &mut s.scores, t_all, t);
         }
-        let sums = softmax(&mut s.scores, n_rep, t_all);
+        let sums = softmax(&mut s.scores, n_rep, t_all, &mut s.maxes);
         resize(&mut s.acc, n_rep * d);
         for t in 0..t_all {
             for (x, h) in row.iter_mut().zip(&v[t * d..(t + 1) * d]) {
@@ -273,11 +303,13 @@ mod generic {
 
     /// Turns scores into unnormalised probabilities in place; returns each query's sum, or NaN for a query with a
     /// non-finite score (the caller turns a non-finite output into a typed error).
-    pub(super) fn softmax(scores: &mut [f32], n_rep: usize, t_all: usize) -> Vec<f32> {
+    pub(super) fn softmax(scores: &mut [f32], n_rep: usize, t_all: usize, maxes: &mut Vec<f32>) -> Vec<f32> {
+        maxes.clear();
         (0..n_rep)
             .map(|r| {
                 let s = &mut scores[r * t_all..(r + 1) * t_all];
                 let max = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                maxes.push(max);
                 // Sum of `x * 0`: NaN exactly when some score is NaN or infinite.
                 let probe: f32 = s.iter().map(|&x| x * 0.0).sum();
                 let mut sum = 0f32;

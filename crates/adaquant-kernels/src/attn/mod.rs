@@ -285,9 +285,23 @@ pub fn decode_attention(
     let n_rep = check_step(q, heads.len(), head_dim, out)?;
     check_heads(heads, head_dim)?;
     let d = head_dim;
-    q.par_chunks(n_rep * d).zip(out.par_chunks_mut(n_rep * d)).zip(heads.par_iter()).for_each(|((qh, oh), head)| {
-        cpu::attend_head(qh, head, d, softmax_scale, oh);
-    });
+    let parts = split_heads(heads, d);
+    if parts.len() == heads.len() {
+        q.par_chunks(n_rep * d).zip(out.par_chunks_mut(n_rep * d)).zip(heads.par_iter()).for_each(
+            |((qh, oh), head)| {
+                cpu::attend_head(qh, head, d, softmax_scale, oh, None);
+            },
+        );
+    } else {
+        let mut po = vec![0f32; parts.len() * n_rep * d];
+        let mut ps = vec![0f32; parts.len() * n_rep * 2];
+        po.par_chunks_mut(n_rep * d).zip(ps.par_chunks_mut(n_rep * 2)).zip(parts.par_iter()).for_each(
+            |((o, st), (h, part))| {
+                cpu::attend_head(&q[h * n_rep * d..(h + 1) * n_rep * d], part, d, softmax_scale, o, Some(st));
+            },
+        );
+        merge_parts(&parts, &po, &ps, n_rep, d, out);
+    }
     check_outputs(out, n_rep, d, |h| first_non_finite(&heads[h]))
 }
 
@@ -302,10 +316,126 @@ pub fn decode_attention_serial(
     let n_rep = check_step(q, heads.len(), head_dim, out)?;
     check_heads(heads, head_dim)?;
     let d = head_dim;
-    for ((qh, oh), head) in q.chunks(n_rep * d).zip(out.chunks_mut(n_rep * d)).zip(heads) {
-        cpu::attend_head(qh, head, d, softmax_scale, oh);
+    let parts = split_heads(heads, d);
+    if parts.len() == heads.len() {
+        for ((qh, oh), head) in q.chunks(n_rep * d).zip(out.chunks_mut(n_rep * d)).zip(heads) {
+            cpu::attend_head(qh, head, d, softmax_scale, oh, None);
+        }
+    } else {
+        let mut po = vec![0f32; parts.len() * n_rep * d];
+        let mut ps = vec![0f32; parts.len() * n_rep * 2];
+        for ((o, st), (h, part)) in po.chunks_mut(n_rep * d).zip(ps.chunks_mut(n_rep * 2)).zip(&parts) {
+            cpu::attend_head(&q[h * n_rep * d..(h + 1) * n_rep * d], part, d, softmax_scale, o, Some(st));
+        }
+        merge_parts(&parts, &po, &ps, n_rep, d, out);
     }
     check_outputs(out, n_rep, d, |h| first_non_finite(&heads[h]))
+}
+
+/// Context positions per part above which a KV head's attention is split into parts (at most [`MAX_PARTS`]) that
+/// run as separate tasks and are combined by their softmax statistics (flash-decoding's split of the context): a
+/// model with fewer KV heads than twice the threads would otherwise leave threads idle (SmolLM2: 3 KV heads on 2
+/// threads). The split depends only on the heads, never on the thread count, so results do not either.
+pub const PART_TOKENS: usize = 1024;
+
+/// The most parts one KV head is split into.
+pub const MAX_PARTS: usize = 8;
+
+/// The parts of every head, in head order: `(head index, part)`. A head shorter than `2 * PART_TOKENS` packed (or,
+/// without packed parts, exact) tokens stays whole. Cut points lie where both sides are packed, on multiples of
+/// both sides' [`crate::QuantSpec::token_align`], or anywhere inside exact tails.
+fn split_heads<'a>(heads: &[HeadKv<'a>], d: usize) -> Vec<(usize, HeadKv<'a>)> {
+    let mut parts = Vec::with_capacity(heads.len());
+    for (h, head) in heads.iter().enumerate() {
+        let sink = head.sink_k.len() / d;
+        let total = head.tokens(d) - sink;
+        // The stretch both sides can be cut in, and the alignment there.
+        let (limit, align) = match (&head.k, &head.v) {
+            (None, None) => (total, 1),
+            (k, v) => {
+                let lim = [k, v].iter().filter_map(|x| x.as_ref().map(|x| x.tokens)).min().unwrap_or(total);
+                let al = [k, v].iter().filter_map(|x| x.as_ref().map(|x| x.spec.token_align(d))).fold(1, lcm);
+                (lim, al)
+            }
+        };
+        let n = (limit / PART_TOKENS).min(MAX_PARTS);
+        let cuts: Vec<usize> = (1..n).map(|j| j * limit / n / align * align).filter(|&c| c > 0).collect();
+        if cuts.is_empty() {
+            parts.push((h, *head));
+            continue;
+        }
+        let mut start = 0;
+        for end in cuts.iter().copied().chain([total]) {
+            if end <= start {
+                continue;
+            }
+            let (k, tail_k) = cut(head.k, head.tail_k, d, start, end);
+            let (v, tail_v) = cut(head.v, head.tail_v, d, start, end);
+            let (sink_k, sink_v) = if start == 0 { (head.sink_k, head.sink_v) } else { (&[][..], &[][..]) };
+            parts.push((h, HeadKv { sink_k, sink_v, k, v, tail_k, tail_v }));
+            start = end;
+        }
+    }
+    parts
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    a / gcd(a, b) * b
+}
+
+/// Positions `a..b` (after the sinks) of one side: a packed view of `packed` tokens followed by an exact tail.
+/// Cut points inside the packed view are aligned by the caller.
+fn cut<'a>(
+    packed: Option<PackedView<'a>>,
+    tail: &'a [f32],
+    d: usize,
+    a: usize,
+    b: usize,
+) -> (Option<PackedView<'a>>, &'a [f32]) {
+    let p = packed.map_or(0, |v| v.tokens);
+    let view = packed.filter(|_| a < p).map(|v| {
+        v.try_suffix(a).and_then(|s| s.try_prefix(b.min(p) - a)).expect("cut points are aligned inside the packed view")
+    });
+    (view, &tail[(a.max(p) - p) * d..(b.max(p) - p) * d])
+}
+
+/// Combines the parts' outputs (each normalized by its own softmax sum) by their statistics: with `m` the largest
+/// maximum, part `i` weighs `w_i = sum_i exp(max_i - m)`, and a head's output is `sum_i w_i o_i / sum_i w_i`, parts
+/// in position order.
+fn merge_parts(parts: &[(usize, HeadKv<'_>)], po: &[f32], ps: &[f32], n_rep: usize, d: usize, out: &mut [f32]) {
+    let mut i = 0;
+    while i < parts.len() {
+        let h = parts[i].0;
+        let n = parts[i..].iter().take_while(|p| p.0 == h).count();
+        for r in 0..n_rep {
+            let stat = |j: usize| (ps[(i + j) * n_rep * 2 + 2 * r], ps[(i + j) * n_rep * 2 + 2 * r + 1]);
+            let m = (0..n).map(|j| stat(j).0).fold(f32::NEG_INFINITY, f32::max);
+            let o = &mut out[(h * n_rep + r) * d..(h * n_rep + r + 1) * d];
+            o.fill(0.0);
+            let mut total = 0f32;
+            for j in 0..n {
+                let (mj, sj) = stat(j);
+                let w = sj * (mj - m).exp();
+                total += w;
+                let src = &po[((i + j) * n_rep + r) * d..((i + j) * n_rep + r + 1) * d];
+                for (a, b) in o.iter_mut().zip(src) {
+                    *a += w * b;
+                }
+            }
+            let inv = 1.0 / total;
+            for a in o.iter_mut() {
+                *a *= inv;
+            }
+        }
+        i += n;
+    }
 }
 
 fn check_baseline<T>(q: &[f32], keys: &[&[T]], values: &[&[T]], head_dim: usize, out: &[f32]) -> Result<usize> {

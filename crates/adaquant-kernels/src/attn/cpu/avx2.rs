@@ -10,7 +10,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{center, fit, generic, resize, scale_queries, Scratch};
+use super::{center, fit, generic, resize, scale_queries, write_stats, Scratch};
 use crate::attn::HeadKv;
 use crate::format::{Bits, GroupAxis};
 use crate::pack;
@@ -172,7 +172,15 @@ pub(super) fn code_width(view: &PackedView<'_>) -> (usize, bool) {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn attend_head(q: &[f32], head: &HeadKv<'_>, d: usize, scale: f32, out: &mut [f32], s: &mut Scratch) {
+pub(super) fn attend_head(
+    q: &[f32],
+    head: &HeadKv<'_>,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+    s: &mut Scratch,
+    stats: Option<&mut [f32]>,
+) {
     let n_rep = q.len() / d;
     let t_all = head.tokens(d);
     scale_queries(q, scale, &mut s.qq);
@@ -211,7 +219,7 @@ pub(super) fn attend_head(q: &[f32], head: &HeadKv<'_>, d: usize, scale: f32, ou
         t_all,
         pos,
     );
-    let sums = softmax(&mut s.scores, n_rep, t_all);
+    let sums = softmax(&mut s.scores, n_rep, t_all, &mut s.maxes);
     resize(&mut s.acc, n_rep * d);
     let mut pos = 0;
     pos += exact_values::<false>(
@@ -242,6 +250,7 @@ pub(super) fn attend_head(q: &[f32], head: &HeadKv<'_>, d: usize, scale: f32, ou
         &mut s.acc,
         pos,
     );
+    write_stats(stats, &s.maxes, &sums);
     finish(&s.acc, &sums, d, out);
 }
 
@@ -252,7 +261,7 @@ pub(super) fn attend_f16(q: &[f32], k: &[f16], v: &[f16], d: usize, scale: f32, 
     scale_queries(q, scale, &mut s.qq);
     fit(&mut s.scores, n_rep * t_all);
     exact_scores::<true>(&s.qq, k.as_ptr() as *const u8, t_all, d, &mut s.scores, t_all, 0);
-    let sums = softmax(&mut s.scores, n_rep, t_all);
+    let sums = softmax(&mut s.scores, n_rep, t_all, &mut s.maxes);
     resize(&mut s.acc, n_rep * d);
     exact_values::<true>(&s.scores, t_all, v.as_ptr() as *const u8, t_all, d, &mut s.acc, 0);
     finish(&s.acc, &sums, d, out);
@@ -390,7 +399,8 @@ fn exact_values<const F16: bool>(
 /// non-finite score (as the portable twin does, so that the caller reports it: `max` and `exp8` below would
 /// otherwise turn a NaN score into a tiny weight).
 #[target_feature(enable = "avx2,fma")]
-fn softmax(scores: &mut [f32], n_rep: usize, t_all: usize) -> Vec<f32> {
+fn softmax(scores: &mut [f32], n_rep: usize, t_all: usize, maxes: &mut Vec<f32>) -> Vec<f32> {
+    maxes.clear();
     (0..n_rep)
         .map(|r| {
             let s = &mut scores[r * t_all..(r + 1) * t_all];
@@ -416,6 +426,7 @@ fn softmax(scores: &mut [f32], n_rep: usize, t_all: usize) -> Vec<f32> {
                 max = max.max(x);
                 probe += x * 0.0;
             }
+            maxes.push(max);
             let m = _mm256_set1_ps(max);
             let mut sv = _mm256_setzero_ps();
             let mut i = 0;

@@ -270,6 +270,9 @@ mod tests {
     /// The same with Lloyd-Max codebooks (the `L = true` loops: levels from one register), widths 1, 2 and 4.
     #[test]
     fn wide_loops_match_reference() {
+        // These are the f32 loops: per-token layouts would otherwise take the integer kernels. No other unit test
+        // depends on the process-wide choice (`intdot`'s tests call their kernels directly).
+        crate::attn::set_attn_kernel(Some(crate::attn::AttnKernel::Exact));
         let mut rng = StdRng::seed_from_u64(31);
         let d = 128;
         let widths = [(Bits::B4, Bits::B2), (Bits::B1, Bits::B8), (Bits::B2, Bits::B4), (Bits::B8, Bits::B1)];
