@@ -269,6 +269,28 @@ fn int_dot_keys_stay_within_their_bound() {
     }
 }
 
+/// Long heads are split into parts (`attn::PART_TOKENS`, at most `attn::MAX_PARTS`) that are merged by their
+/// softmax statistics: against the reference, with sinks and tails, cut points aligned for per-channel keys and
+/// 1.58-bit values at once (multiples of 320 tokens), and with the part cap reached.
+#[test]
+fn split_heads_match_reference() {
+    let _lock = lock();
+    let mut rng = common::rng(24);
+    for (kspec, vspec, ctx) in [
+        (
+            QuantSpec::new(Bits::B4, 64, GroupAxis::PerChannel),
+            QuantSpec::new(Bits::B1_58, 64, GroupAxis::PerToken),
+            5000,
+        ),
+        (QuantSpec::new(Bits::B4, 64, GroupAxis::PerToken), QuantSpec::new(Bits::B2, 64, GroupAxis::PerToken), 20000),
+        (QuantSpec::new(Bits::B8, 32, GroupAxis::PerToken), QuantSpec::new(Bits::B4, 32, GroupAxis::PerChannel), 2100),
+    ] {
+        assert!(ctx >= 2 * adaquant_kernels::attn::PART_TOKENS);
+        let case = Case { kspec, vspec, d: 64, n_kv: 2, gqa: 3, sink: 3, ctx, tail: 5 };
+        check(&mut rng, &case);
+    }
+}
+
 #[test]
 fn awkward_sizes() {
     let _lock = lock();
