@@ -4,6 +4,8 @@
 //! group, K4V2 under every other quantizer family: `K4V2 hqq` (same kernel, HQQ zero points), `K4V2 rot-minmax`
 //! (the query rotated before and the output rotated back after the min-max kernel, as the cache does once per
 //! step), `K4V2 lloyd` and `K4V2 rot-lloyd` (the Lloyd-Max lookup kernel), so each can be compared with `K4V2`.
+//! `K4V2 tok` is the cache's default `k4v2` layout (per-token keys and values), which takes the integer-dot kernels
+//! where the CPU has AVX-512 VNNI, and `K4V2 tok exact` the same layout with `ADAQUANT_ATTN=exact`'s f32 kernels.
 //!
 //! After the criterion runs, a summary table prints median time, bytes read, achieved GB/s, the share of the copy
 //! bandwidth measured in the same process, and the speedup over the f16 baseline, with rayon (2 threads here) and on
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use adaquant_benches::{gaussian, measure_bandwidth, median_time, DenseLayer, PackedLayer, Shape, LLAMA3_8B, SMOLLM2};
 use adaquant_cache::Quantizer;
-use adaquant_kernels::attn::{attention_f16, attention_f32};
+use adaquant_kernels::attn::{attention_f16, attention_f32, set_attn_kernel, AttnKernel};
 use adaquant_kernels::quant::{dequantize, quantize};
 use adaquant_kernels::rotate::{head_seed, HadamardRotation};
 use adaquant_kernels::simd;
@@ -49,6 +51,8 @@ struct Packed {
     name: &'static str,
     layer: PackedLayer,
     rot: Option<(Vec<HadamardRotation>, Vec<HadamardRotation>)>,
+    /// Runs with the exact (f32) attention kernels whatever `ADAQUANT_ATTN` says.
+    exact: bool,
 }
 
 fn bench_quant(c: &mut Criterion) {
@@ -99,7 +103,7 @@ impl Point {
             .iter()
             .map(|&(name, kb, vb)| {
                 let (ks, vs) = specs(kb, vb);
-                Packed { name, layer: PackedLayer::new(shape, ctx, ks, vs, 100), rot: None }
+                Packed { name, layer: PackedLayer::new(shape, ctx, ks, vs, 100), rot: None, exact: false }
             })
             .collect();
         for (name, q) in FAMILIES {
@@ -108,7 +112,17 @@ impl Point {
                 (0..shape.n_kv).map(|h| HadamardRotation::new(shape.d, head_seed(0, 0, side, h)).unwrap()).collect()
             };
             let rot = q.rotates().then(|| (rots(0), rots(1)));
-            packed.push(Packed { name, layer: PackedLayer::new(shape, ctx, q.apply(ks), q.apply(vs), 100), rot });
+            packed.push(Packed {
+                name,
+                layer: PackedLayer::new(shape, ctx, q.apply(ks), q.apply(vs), 100),
+                rot,
+                exact: false,
+            });
+        }
+        for (name, exact) in [("K4V2 tok", false), ("K4V2 tok exact", true)] {
+            let (ks, vs) =
+                (QuantSpec::new(Bits::B4, 64, GroupAxis::PerToken), QuantSpec::new(Bits::B2, 64, GroupAxis::PerToken));
+            packed.push(Packed { name, layer: PackedLayer::new(shape, ctx, ks, vs, 100), rot: None, exact });
         }
         Point { shape, ctx, q: gaussian(5, shape.n_q * shape.d), packed, dense: DenseLayer::new(shape, ctx, 100, true) }
     }
@@ -120,7 +134,13 @@ impl Point {
     fn run_packed(&self, p: &Packed, out: &mut [f32]) {
         let d = self.shape.d;
         let Some((kr, vr)) = &p.rot else {
+            if p.exact {
+                set_attn_kernel(Some(AttnKernel::Exact));
+            }
             decode_attention(&self.q, &p.layer.heads(), d, self.scale(), out).unwrap();
+            if p.exact {
+                set_attn_kernel(None);
+            }
             return;
         };
         // What the cache does once per step: rotate each query head with its KV head's key rotation, attend, rotate
@@ -198,7 +218,7 @@ fn main() {
             for (name, bytes, f) in p.kernels() {
                 g.throughput(Throughput::Bytes(bytes as u64));
                 g.bench_function(format!("{name}/rayon"), |b| b.iter(|| f(black_box(&mut out))));
-                if name == "K4V2" || name == "f16" {
+                if name == "K4V2" || name == "f16" || name.starts_with("K4V2 tok") {
                     g.bench_function(format!("{name}/1-thread"), |b| b.iter(|| one.install(|| f(black_box(&mut out)))));
                 }
                 if !listing {
