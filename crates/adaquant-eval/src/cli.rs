@@ -502,6 +502,7 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<()> {
         text_name: text_path.file_name().map_or_else(|| "text".into(), |n| n.to_string_lossy().into_owned()),
         git_rev: git_revision(),
         weights: model.weights_mode().name().to_string(),
+        attention: adaquant_kernels::attn::effective_attn_kernel().name().to_string(),
         hellaswag_path: paths::hellaswag(),
         arc_path: paths::arc_easy(),
         lambada_path: paths::lambada(),

@@ -481,6 +481,10 @@ pub struct SweepPlan {
     /// activations). Anything but `f32` is part of the settings, so results of the two paths never share a key
     /// (and f32 results keep the keys they had before the packed path existed).
     pub weights: String,
+    /// The attention kernels in force (`adaquant_kernels::attn::effective_attn_kernel`): `exact` (f32) or `int`
+    /// (integer products for per-token groups). Anything but `exact` is part of the settings, so results of the
+    /// two never share a key (and exact results keep the keys they had before the integer kernels existed).
+    pub attention: String,
     /// Task datasets, read when the corresponding task is selected.
     pub hellaswag_path: PathBuf,
     pub arc_path: PathBuf,
@@ -505,6 +509,9 @@ impl SweepPlan {
         );
         if self.weights != "f32" {
             settings.push_str(&format!("; weights {}", self.weights));
+        }
+        if self.attention != "exact" {
+            settings.push_str(&format!("; attention {}", self.attention));
         }
         let settings_id = short_sha(settings.as_bytes());
         let mut keys = Vec::with_capacity(self.points.len());
@@ -1238,6 +1245,7 @@ mod tests {
             data_sha256: "bb".repeat(32),
             git_rev: "rev".into(),
             weights: "f32".into(),
+            attention: "exact".into(),
             hellaswag_path: hs,
             arc_path: dir.join("absent-arc"),
             lambada_path: dir.join("absent-lambada"),
@@ -1273,8 +1281,9 @@ mod tests {
             assert_eq!(p.identity().unwrap().keys, id.keys, "change {i} must keep the keys");
         }
 
-        let differ: [(&str, &Change); 11] = [
+        let differ: [(&str, &Change); 12] = [
             ("packed weights", &|p| p.weights = "packed".into()),
+            ("integer attention", &|p| p.attention = "int".into()),
             ("model content", &|p| p.model_sha256 = "cc".repeat(32)),
             ("text content", &|p| p.data_sha256 = "dd".repeat(32)),
             ("window length", &|p| p.text.ctx = 1024),

@@ -37,6 +37,7 @@ fn plan(out: PathBuf, points: Vec<PointSpec>, ctx: usize) -> SweepPlan {
         text_name: "toy.txt".into(),
         git_rev: "test".into(),
         weights: "f32".into(),
+        attention: "exact".into(),
         hellaswag_path: PathBuf::new(),
         arc_path: PathBuf::new(),
         lambada_path: PathBuf::new(),

@@ -45,6 +45,7 @@ fn every_quantizer_family_runs_and_is_named() {
         text_name: "toy text".into(),
         git_rev: "test".into(),
         weights: "f32".into(),
+        attention: "exact".into(),
         hellaswag_path: PathBuf::new(),
         arc_path: PathBuf::new(),
         lambada_path: PathBuf::new(),

@@ -48,6 +48,7 @@ fn plan(out: PathBuf, shard: Option<Shard>) -> SweepPlan {
         text_name: "toy text".into(),
         git_rev: "test".into(),
         weights: "f32".into(),
+        attention: "exact".into(),
         hellaswag_path: PathBuf::new(),
         arc_path: PathBuf::new(),
         lambada_path: PathBuf::new(),

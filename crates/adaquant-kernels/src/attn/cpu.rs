@@ -403,6 +403,11 @@ mod avx2;
 mod codebook;
 mod intdot;
 
+/// Whether this CPU runs the integer kernels at the active SIMD level (AVX-512 VNNI).
+pub(crate) fn int_capable() -> bool {
+    simd::active() >= SimdLevel::Avx512 && intdot::vnni()
+}
+
 /// Whether per-token values of `spec` go to the integer value tile now: under `AttnKernel::IntDot`, on AVX-512
 /// VNNI and VBMI.
 pub(crate) fn int_values(spec: &crate::format::QuantSpec, head_dim: usize) -> bool {

@@ -87,6 +87,16 @@ pub fn set_attn_kernel(kernel: Option<AttnKernel>) {
     ATTN_KERNEL.store(kernel.map_or(0, AttnKernel::to_u8), std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The kernel that per-token min-max groups get on this CPU now: [`attn_kernel`] where the CPU has AVX-512 VNNI
+/// at the active SIMD level, `Exact` elsewhere (what a results file should record).
+pub fn effective_attn_kernel() -> AttnKernel {
+    if cpu::int_capable() {
+        attn_kernel()
+    } else {
+        AttnKernel::Exact
+    }
+}
+
 /// The kernel that scores keys of this spec on this CPU now: an integer one only where [`attn_kernel`] asks for
 /// it, the keys qualify and the CPU has AVX-512 VNNI at the active SIMD level.
 pub fn key_kernel_for(spec: &crate::format::QuantSpec, head_dim: usize) -> AttnKernel {
