@@ -374,16 +374,27 @@ fn split_heads<'a>(heads: &[HeadKv<'a>], d: usize) -> Vec<(usize, HeadKv<'a>)> {
             parts.push((h, *head));
             continue;
         }
+        let mut mine = Vec::with_capacity(cuts.len() + 1);
         let mut start = 0;
         for end in cuts.iter().copied().chain([total]) {
             if end <= start {
                 continue;
             }
-            let (k, tail_k) = cut(head.k, head.tail_k, d, start, end);
-            let (v, tail_v) = cut(head.v, head.tail_v, d, start, end);
+            let (Some((k, tail_k)), Some((v, tail_v))) =
+                (cut(head.k, head.tail_k, d, start, end), cut(head.v, head.tail_v, d, start, end))
+            else {
+                // Not reached for checked heads (cut points are aligned); attend the head whole rather than fail.
+                mine.clear();
+                break;
+            };
             let (sink_k, sink_v) = if start == 0 { (head.sink_k, head.sink_v) } else { (&[][..], &[][..]) };
-            parts.push((h, HeadKv { sink_k, sink_v, k, v, tail_k, tail_v }));
+            mine.push((h, HeadKv { sink_k, sink_v, k, v, tail_k, tail_v }));
             start = end;
+        }
+        if mine.is_empty() {
+            parts.push((h, *head));
+        } else {
+            parts.append(&mut mine);
         }
     }
     parts
@@ -401,19 +412,15 @@ fn lcm(a: usize, b: usize) -> usize {
 }
 
 /// Positions `a..b` (after the sinks) of one side: a packed view of `packed` tokens followed by an exact tail.
-/// Cut points inside the packed view are aligned by the caller.
-fn cut<'a>(
-    packed: Option<PackedView<'a>>,
-    tail: &'a [f32],
-    d: usize,
-    a: usize,
-    b: usize,
-) -> (Option<PackedView<'a>>, &'a [f32]) {
+/// Cut points inside the packed view are aligned by the caller; `None` if a view refuses one.
+type Side<'a> = (Option<PackedView<'a>>, &'a [f32]);
+fn cut<'a>(packed: Option<PackedView<'a>>, tail: &'a [f32], d: usize, a: usize, b: usize) -> Option<Side<'a>> {
     let p = packed.map_or(0, |v| v.tokens);
-    let view = packed.filter(|_| a < p).map(|v| {
-        v.try_suffix(a).and_then(|s| s.try_prefix(b.min(p) - a)).expect("cut points are aligned inside the packed view")
-    });
-    (view, &tail[(a.max(p) - p) * d..(b.max(p) - p) * d])
+    let view = match packed {
+        Some(v) if a < p => Some(v.try_suffix(a).and_then(|s| s.try_prefix(b.min(p) - a)).ok()?),
+        _ => None,
+    };
+    Some((view, tail.get((a.max(p) - p) * d..(b.max(p) - p) * d)?))
 }
 
 /// Combines the parts' outputs (each normalized by its own softmax sum) by their statistics: with `m` the largest
