@@ -1,4 +1,5 @@
-//! Integer-dot scores for packed per-token min-max keys.
+//! Integer-dot scores for packed per-token min-max keys, and integer value sums for per-token values
+//! ([`value_tile`], documented there).
 //!
 //! The scaled query is quantized once per call per key group, round half to even, and each token's key codes are
 //! multiplied with it in integer arithmetic: `vpdpbusd` (unsigned codes times signed 8-bit query digits, four
@@ -23,8 +24,9 @@
 //! rest; the error against the exact kernel is at most `scale_tg * dq / 2 * sum_c |code_c - C/2|` per group.
 //!
 //! The vector kernel handles widths 1, 2, 4 and 8 whose groups fill whole 16-byte chunks (`group * bits` a
-//! multiple of 128); the attention uses it for 4 and 8 bits ([`takes_spec`] says why). It takes sixteen tokens at a time as four steps of four: step `s` puts the chunk of tokens
-//! `s, s + 4, s + 8, s + 12` in the four 128-bit lanes of one register, so after `vpdpbusd` each lane holds four
+//! multiple of 128); the attention uses it for 4 and 8 bits ([`takes_spec`] says why). It takes sixteen tokens
+//! at a time as four steps of four: step `s` puts the chunk of tokens `s, s + 4, s + 8, s + 12` in the four
+//! 128-bit lanes of one register, so after `vpdpbusd` each lane holds four
 //! partial sums of one token and a three-level transpose-and-add leaves the sixteen tokens' sums in natural
 //! order. Codes of a byte are split by shift and mask into `8 / B` registers (code `k` of each byte); the query
 //! codes are laid out to match once per call, each 16-byte chunk repeated in the four lanes.
