@@ -401,6 +401,7 @@ fn exact_values<const F16: bool>(
 #[target_feature(enable = "avx2,fma")]
 fn softmax(scores: &mut [f32], n_rep: usize, t_all: usize, maxes: &mut Vec<f32>) -> Vec<f32> {
     maxes.clear();
+    let wide = crate::simd::active() >= crate::simd::SimdLevel::Avx512;
     (0..n_rep)
         .map(|r| {
             let s = &mut scores[r * t_all..(r + 1) * t_all];
@@ -430,6 +431,11 @@ fn softmax(scores: &mut [f32], n_rep: usize, t_all: usize, maxes: &mut Vec<f32>)
             let m = _mm256_set1_ps(max);
             let mut sv = _mm256_setzero_ps();
             let mut i = 0;
+            let mut wide_sum = 0f32;
+            if wide {
+                // SAFETY: AVX-512F is active (checked once per call).
+                (wide_sum, i) = unsafe { avx512::exp_sum16(s, max) };
+            }
             while i < n8 {
                 // SAFETY: `i + 8 <= len`.
                 unsafe {
@@ -439,7 +445,7 @@ fn softmax(scores: &mut [f32], n_rep: usize, t_all: usize, maxes: &mut Vec<f32>)
                 }
                 i += 8;
             }
-            let mut sum = hsum(sv);
+            let mut sum = wide_sum + hsum(sv);
             for x in &mut s[n8..] {
                 *x = exp1(*x - max);
                 sum += *x;

@@ -247,8 +247,46 @@ unsafe fn value_channels<const B: usize, const R: usize, const N: usize, const L
     }
 }
 
+/// `exp(s[i] - max)` in place for the first `s.len() / 16 * 16` scores, by the polynomial of the AVX2 `exp8` on
+/// sixteen lanes; returns their sum (sixteen lane sums, then the lanes added) and how many scores it took.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(in crate::attn::cpu) unsafe fn exp_sum16(s: &mut [f32], max: f32) -> (f32, usize) {
+    let n16 = s.len() / 16 * 16;
+    let m = _mm512_set1_ps(max);
+    let mut sv = _mm512_setzero_ps();
+    for c in s[..n16].chunks_exact_mut(16) {
+        // SAFETY: sixteen floats in and out.
+        unsafe {
+            let x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), m), _mm512_set1_ps(-87.0));
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+                x,
+                _mm512_set1_ps(std::f32::consts::LOG2_E),
+            ));
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+            let mut p = _mm512_set1_ps(1.987_569_1e-4);
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+            let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+            let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
+            let v = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+            _mm512_storeu_ps(c.as_mut_ptr(), v);
+            sv = _mm512_add_ps(sv, v);
+        }
+    }
+    (_mm512_reduce_add_ps(sv), n16)
+}
+
 #[cfg(test)]
 mod tests {
+    use std::arch::x86_64::*;
+
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
     use rand_distr::StandardNormal;
@@ -268,6 +306,40 @@ mod tests {
     /// tiles), value groups taking the 16- and 64-channel steps, 1, 3 and 4 query heads per KV head, and a last value
     /// tile that is not full.
     /// The same with Lloyd-Max codebooks (the `L = true` loops: levels from one register), widths 1, 2 and 4.
+    /// The sixteen-lane `exp` gives the bits of the eight-lane one lane by lane (the same steps), on lengths around
+    /// the multiples of 16, scores down to the clamp at -87 and up to the maximum; the sum within f32 rounding.
+    #[test]
+    fn exp_sum16_equals_exp8_lane_by_lane() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(32);
+        for len in [0usize, 1, 15, 16, 17, 33, 64, 1000] {
+            let x: Vec<f32> =
+                (0..len).map(|i| if i % 7 == 3 { -200.0 } else { rng.random::<f32>() * 40.0 - 30.0 }).collect();
+            let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut got = x.clone();
+            // SAFETY: AVX-512F detected above.
+            let (sum, n) = unsafe { super::exp_sum16(&mut got, max) };
+            assert_eq!(n, len / 16 * 16);
+            let mut want = 0f64;
+            for i in (0..n).step_by(8) {
+                let mut lanes = [0f32; 8];
+                // SAFETY: AVX2 and FMA come with AVX-512F; eight floats in and out.
+                unsafe {
+                    let e = super::super::exp8(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), _mm256_set1_ps(max)));
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), e);
+                }
+                for (j, l) in lanes.iter().enumerate() {
+                    assert_eq!(got[i + j].to_bits(), l.to_bits(), "len {len} at {}", i + j);
+                    want += *l as f64;
+                }
+            }
+            assert!((sum as f64 - want).abs() <= 1e-6 * want.max(1e-30), "len {len}: {sum} vs {want}");
+            assert_eq!(&got[n..], &x[n..], "scores past the sixteen-lane part are left alone");
+        }
+    }
+
     #[test]
     fn wide_loops_match_reference() {
         // These are the f32 loops: per-token layouts would otherwise take the integer kernels. No other unit test
