@@ -399,13 +399,6 @@ impl QuantSpec {
     /// codes come five to a byte, so a 64-channel token does not end on one). [`crate::quant::PackedView::try_suffix`]
     /// and [`crate::quant::PackedStream::drop_front`] cut at multiples of it.
     pub fn token_align(&self, head_dim: usize) -> usize {
-        fn gcd(a: usize, b: usize) -> usize {
-            if b == 0 {
-                a
-            } else {
-                gcd(b, a % b)
-            }
-        }
         let base = match self.axis {
             GroupAxis::PerChannel => self.group.max(1),
             GroupAxis::PerToken => 1,
@@ -428,6 +421,15 @@ impl QuantSpec {
         let per_head = self.bits.packed_bytes(tokens * head_dim)
             + self.metas_per_group() * self.meta.bytes() * self.n_groups(tokens, head_dim);
         heads * per_head
+    }
+}
+
+/// Greatest common divisor (`gcd(a, 0) = a`).
+pub(crate) fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 

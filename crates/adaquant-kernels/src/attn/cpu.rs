@@ -412,7 +412,7 @@ pub(crate) fn int_capable() -> bool {
 /// VNNI and VBMI.
 pub(crate) fn int_values(spec: &crate::format::QuantSpec, head_dim: usize) -> bool {
     crate::attn::attn_kernel() == crate::attn::AttnKernel::IntDot
-        && simd::active() >= SimdLevel::Avx512
+        && int_capable()
         && intdot::vbmi()
         && intdot::takes_values(spec, head_dim)
 }
@@ -425,7 +425,7 @@ pub(crate) fn int_keys(spec: &crate::format::QuantSpec, head_dim: usize) -> usiz
         crate::attn::AttnKernel::IntDot8 => 1,
         crate::attn::AttnKernel::IntDot => 2,
     };
-    if simd::active() >= SimdLevel::Avx512 && intdot::vnni() && intdot::takes_spec(spec, head_dim) {
+    if int_capable() && intdot::takes_spec(spec, head_dim) {
         digits
     } else {
         0

@@ -81,7 +81,7 @@ pub(super) fn handles(s: &crate::format::QuantSpec, head_dim: usize) -> bool {
 /// Whether the integer-dot kernel scores keys of this spec and head size when asked to: [`handles`] and at least
 /// 4 bits. With 1- and 2-bit keys the model is about ten times as sensitive to any change of the scores (on
 /// SmolLM2, K2V4 moves by a mean KL of 8e-5 when only the order of the exact kernel's f32 sums changes, K4V2 by
-/// 9e-6), and the two-digit query's error, harmless at 4 bits (1.4e-5), costs 2e-3 there; such keys keep the exact
+/// 9e-6), and the two-digit query's error, harmless at 4 bits (1.7e-5), cost 2e-3 there; such keys keep the exact
 /// kernel.
 pub(super) fn takes_spec(s: &crate::format::QuantSpec, head_dim: usize) -> bool {
     handles(s, head_dim) && s.bits.nominal() >= 4.0
